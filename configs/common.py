@@ -1,0 +1,265 @@
+"""Shared pieces of the GLARE configs: every number of SPEC.md lives here once.
+
+Dataset configs (`configs/loveda.py`, ...) call `pretrain_config(...)` and set
+their dataset fields. A config argument after the colon selects switches,
+big_vision style: `configs/loveda.py:tiny` (a minutes-long run of the same
+pipeline), `configs/loveda.py:objective=udi,tiny`.
+"""
+
+from __future__ import annotations
+
+import ml_collections as mlc
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Parameter-rule presets: ordered (regex, rule) lists, the first match wins.
+# Rules: 'train' or 'freeze'. Paths look like 'backbone/block_3/adapter/up/kernel'.
+PARAM_PRESETS = {
+    # The paper's setting: adapters + projection head + cross-attention.
+    "adapters": (
+        ("head/weight_g", "freeze"),  # DINO's norm_last_layer: g stays 1
+        (r"backbone/block_\d+/adapter/.*", "train"),
+        ("head/.*", "train"),
+        ("cross_attention/.*", "train"),
+        (".*", "freeze"),
+    ),
+    # HPT (Table 2): every parameter trains (use with model.adapter_mode='none').
+    "full": (
+        ("head/weight_g", "freeze"),
+        (".*", "train"),
+    ),
+    "head": (
+        ("head/weight_g", "freeze"),
+        ("head/.*", "train"),
+        ("cross_attention/.*", "train"),
+        (".*", "freeze"),
+    ),
+}
+
+# No weight decay on biases, norms, 1-D parameters and tokens (DINO's rule).
+NO_DECAY = (r".*/bias", r".*norm.*/scale", r".*/cls_token", r".*/pos_embed",
+            r".*/mask_token", r".*/weight_g")
+
+
+def parse_arg(arg: str | None, **defaults):
+  """'tiny,objective=udi' -> ConfigDict(tiny=True, objective='udi', ...).
+
+  Every key must be in `defaults`; values are cast to the default's type.
+  """
+  out = mlc.ConfigDict(dict(defaults))
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+    if not value:
+      out[key] = True
+    elif isinstance(defaults[key], bool):
+      out[key] = value.lower() in ("1", "true", "yes")
+    else:
+      out[key] = type(defaults[key])(value)
+  return out
+
+
+def model_config(variant: str = "S") -> mlc.ConfigDict:
+  return mlc.ConfigDict(dict(
+      variant=variant,          # 'S' (ViT-S/16), 'B', 'tiny_test'
+      patch_size=16,
+      num_prefix=2,             # UDI: [CLS] and [CLS+]; read from the checkpoint when converting
+      pos_grid=14,              # stored position grid (224 / 16)
+      pos_resize="dino",        # 'dino' ((g + 0.1) / g0 scale factor) or 'size'
+      drop_path=0.1,            # student only; the teacher runs deterministically
+      adapter_mode="sequential",  # 'sequential' (paper eq. 3), 'parallel' (UniAdapter), 'none'
+      adapter_dim=64,           # bottleneck r
+      adapter_scale=0.1,        # s
+      use_mask_token=False,     # set by patch_aug.kind == 'mask'
+      dtype="float32",          # compute dtype: 'float32' or 'bfloat16' (params stay fp32)
+      remat=False,
+  ))
+
+
+def head_config() -> mlc.ConfigDict:
+  return mlc.ConfigDict(dict(
+      out_dim=8192,             # K
+      hidden_dim=2048,
+      bottleneck_dim=256,
+      num_layers=3,
+      norm_last_layer=True,
+  ))
+
+
+def crops_config() -> mlc.ConfigDict:
+  """Multi-crop augmentation, appendix B.1 / SPEC section 5."""
+  return mlc.ConfigDict(dict(
+      num_global=2,
+      num_local=10,
+      global_size=224,
+      local_size=96,
+      global_scale=(0.25, 1.0),
+      local_scale=(0.05, 0.25),
+      ratio=(3.0 / 4.0, 4.0 / 3.0),
+      flip_p=0.5,
+      jitter_p=0.8,
+      brightness=0.4,
+      contrast=0.4,
+      saturation=0.2,
+      hue=0.1,
+      grayscale_p=0.2,
+      blur_sigma=(0.1, 2.0),
+      blur_p=(1.0, 0.1, 0.5),       # global 1, global 2, locals
+      solarize_p=(0.0, 0.2, 0.0),   # global 1, global 2, locals
+      solarize_threshold=128,
+      mean=IMAGENET_MEAN,
+      std=IMAGENET_STD,
+      global_overlap=True,          # re-draw global 2 until it overlaps global 1 (UDI)
+      locals_in_union=True,         # draw locals inside the union of the global boxes
+      max_redraws=100,
+      augment_on="host",            # 'host' (grain workers) or 'device' (inside the step)
+  ))
+
+
+def glare_config() -> mlc.ConfigDict:
+  return mlc.ConfigDict(dict(
+      # Per-term weights; Table 5's rows are these switched to 0.
+      w_glob=1.0,
+      w_reg=1.0,
+      w_loc1=1.0,
+      w_loc2=1.0,
+      regions=dict(
+          sampling="attention",     # 'attention' (one region per head) or 'random'
+          num_regions=6,            # M; with 'attention' it must equal the head count
+          min_patches=2,
+          max_patches=6,
+          min_valid_fraction=0.5,   # regions with less of themselves inside the other view drop out
+      ),
+      patch_aug=dict(
+          kind="blur",              # 'blur' (default), 'mask' (learned mask token), 'none'
+          placement="random",       # 'random' or 'block'
+          zero_prob=0.5,            # r = 0 with this probability
+          ratio=(0.1, 0.5),         # else r ~ U[0.1, 0.5] (iBOT's 0.3 +- 0.2)
+          blur_sigma=5.0,           # pixels, inside each chosen 16x16 cell
+          block_aspect=(0.3, 1 / 0.3),
+          block_min_patches=4,
+      ),
+  ))
+
+
+def loss_config() -> mlc.ConfigDict:
+  """DINO-style cross-entropy shared by every objective."""
+  return mlc.ConfigDict(dict(
+      student_temp=0.1,
+      teacher_temp=0.07,
+      warmup_teacher_temp=0.04,
+      warmup_teacher_temp_epochs=30,
+      center_momentum=0.9,
+  ))
+
+
+def udi_config() -> mlc.ConfigDict:
+  return mlc.ConfigDict(dict(
+      mix_weight=0.5,               # [CLS+] target: 0.5 * patch logits + 0.5 * [CLS] logits
+      global_window=3,              # one sampled token per 3x3 window on global views
+      local_window=2,               # 2x2 on local views
+      num_heads=6,
+  ))
+
+
+def flsl_config() -> mlc.ConfigDict:
+  return mlc.ConfigDict(dict(
+      w_ms=0.03,                    # mean-shift term, 0.03 * (2 - 2 cos)
+      w_ce=1.0,
+      w_vol=5.0,                    # volume maximisation
+      drop_prefix=True,             # FLSL runs without prefix tokens
+  ))
+
+
+def optim_config() -> mlc.ConfigDict:
+  return mlc.ConfigDict(dict(
+      base_lr=1.5e-4,               # for batch 512; lr = base_lr * batch / 512
+      base_batch=512,
+      min_lr=1e-6,
+      warmup_epochs=1,
+      weight_decay=0.1,
+      b1=0.9,
+      b2=0.999,
+      clip_grad=3.0,
+      freeze_last_layer_epochs=1,
+      ema_momentum=0.996,           # -> 1 on a per-step cosine
+      ema_final=1.0,
+      param_preset="adapters",      # 'adapters', 'full', 'head' (see PARAM_PRESETS)
+      param_rules=(),               # extra (regex, 'train'|'freeze') pairs, tried first
+      no_decay=NO_DECAY,
+      lr_mults=(),                  # (regex, multiplier) pairs
+  ))
+
+
+def pretrain_config(dataset: str, arg: str | None = None) -> mlc.ConfigDict:
+  """The full pre-training config with the paper's defaults for `dataset`."""
+  a = parse_arg(arg, tiny=False, objective="glare")
+  c = mlc.ConfigDict()
+  c.mode = "pretrain"
+  c.seed = 0
+  c.objective = a.objective       # 'glare', 'udi', 'flsl', 'dino'
+
+  c.dataset = dataset             # TFDS builder name
+  c.data_dir = "~/tensorflow_datasets"
+  c.train_split = "train"
+  c.train_fraction = 1.0          # 0.1 / 0.2 / 0.5 / 1.0 of the train split (appendix C.3)
+  c.num_epochs = 100
+  c.batch_size = 512              # global batch; independent of the device count
+  c.num_workers = 8               # grain worker processes per host
+  c.prefetch = 2
+
+  c.model = model_config("S")
+  c.head = head_config()
+  c.cross_attention = mlc.ConfigDict(dict(num_heads=6))
+  c.crops = crops_config()
+  c.loss = loss_config()
+  c.glare = glare_config()
+  c.udi = udi_config()
+  c.flsl = flsl_config()
+  c.optim = optim_config()
+
+  c.init_checkpoint = ""          # a converted checkpoint (python -m glare_jax.convert)
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 2
+  c.log_every_steps = 10
+  c.tensorboard = True
+
+  c.mesh = mlc.ConfigDict(dict(
+      data=-1,                    # -1: every device on the data axis
+      fsdp=1,
+      fsdp_rules=(),              # (regex, axis) pairs for sharding parameters over 'fsdp'
+  ))
+  c.distributed = mlc.ConfigDict(dict(
+      coordinator_address="",     # '' = single process, or auto-detected (TPU / SLURM)
+      num_processes=1,
+      process_id=0,
+  ))
+
+  if a.tiny:
+    apply_tiny(c)
+  return c
+
+
+def apply_tiny(c: mlc.ConfigDict) -> None:
+  """A minutes-long smoke run of the same pipeline on 2 CPU cores."""
+  c.model.variant = "tiny_test"
+  c.model.drop_path = 0.0
+  c.model.adapter_dim = 16
+  c.cross_attention.num_heads = 2
+  c.glare.regions.num_regions = 2
+  c.udi.num_heads = 2
+  c.head.out_dim = 256
+  c.head.hidden_dim = 128
+  c.head.bottleneck_dim = 32
+  c.crops.global_size = 64
+  c.crops.local_size = 32
+  c.crops.num_local = 4
+  c.model.pos_grid = 4
+  c.batch_size = 8
+  c.num_epochs = 2
+  c.num_workers = 0
+  c.loss.warmup_teacher_temp_epochs = 1
+  c.checkpoint_every_steps = 5
+  c.log_every_steps = 1

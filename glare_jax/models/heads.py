@@ -1,0 +1,80 @@
+"""Projection head (shared by all GLARE levels) and the cross-attention module.
+
+Parameter names follow the PyTorch checkpoints so that the converter is a
+renaming: `mlp/layers_{0,1,2}`, `last_layer/{weight_v, weight_g}`;
+cross-attention `attn/{qkv, proj}` and `norm1`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from glare_jax.models.vit import LN_EPS, trunc_normal
+
+Array = jax.Array
+
+
+class ProjectionHead(nn.Module):
+  """MLP (D -> hidden -> hidden -> bottleneck), L2-normalise, weight-normalised
+  linear bottleneck -> K without bias (DINO head).
+
+  The weight-normalised layer keeps `weight_v` [bottleneck, K] and `weight_g` [K]:
+  W[:, k] = g_k * v[:, k] / ||v[:, k]||. With `norm_last_layer` (DINO's default)
+  g is fixed at 1 by the parameter rules, not here.
+  """
+  out_dim: int = 8192
+  hidden_dim: int = 2048
+  bottleneck_dim: int = 256
+  num_layers: int = 3
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:  # [..., D] -> [..., K]
+    for i in range(self.num_layers - 1):
+      x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=trunc_normal,
+                   name=f"layers_{i}")(x)
+      x = nn.gelu(x, approximate=False)
+    x = nn.Dense(self.bottleneck_dim, dtype=self.dtype, kernel_init=trunc_normal,
+                 name=f"layers_{self.num_layers - 1}")(x)
+    x = x.astype(jnp.float32)
+    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    v = self.param("weight_v", trunc_normal, (self.bottleneck_dim, self.out_dim))
+    g = self.param("weight_g", nn.initializers.ones, (self.out_dim,))
+    kernel = v * (g / jnp.linalg.norm(v, axis=0))[None, :]
+    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)).astype(jnp.float32)
+
+
+class CrossAttention(nn.Module):
+  """Multi-head cross-attention with a residual and a pre-LayerNorm.
+
+    out = q + proj(MHA(W_q LN(q), W_k LN(kv), W_v LN(kv)))
+
+  One `qkv` projection (as in UDI's module) is shared: its query third is applied
+  to the queries, its key and value thirds to the context. `kv_mask` [B, S] marks
+  valid context tokens (used for regions of varying size).
+  """
+  num_heads: int = 6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, q: Array, kv: Array, kv_mask: Array | None = None) -> Array:
+    # q: [B, Q, D], kv: [B, S, D]
+    b, nq, d = q.shape
+    s = kv.shape[1]
+    hd = d // self.num_heads
+    norm = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm1")
+    qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=trunc_normal, name="qkv")
+    q_all = qkv(norm(q)).reshape(b, nq, 3, self.num_heads, hd)[:, :, 0]  # [B, Q, H, hd]
+    kv_all = qkv(norm(kv)).reshape(b, s, 3, self.num_heads, hd)
+    k, v = kv_all[:, :, 1], kv_all[:, :, 2]  # [B, S, H, hd]
+    logits = jnp.einsum("bqhc,bkhc->bhqk", q_all * (hd ** -0.5), k).astype(jnp.float32)
+    if kv_mask is not None:
+      logits = jnp.where(kv_mask[:, None, None, :], logits, -1e30)
+    attn = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhqk,bkhc->bqhc", attn.astype(self.dtype), v).reshape(b, nq, d)
+    out = nn.Dense(d, dtype=self.dtype, kernel_init=trunc_normal, name="proj")(out)
+    return q + out
