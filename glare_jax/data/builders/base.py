@@ -1,8 +1,9 @@
-"""The TFDS builder every manually downloaded segmentation dataset derives from.
+"""The TFDS builders our datasets derive from.
 
-A subclass names itself, describes its manual-dir layout and implements
-`find_pairs`; the base class checks the input, then writes array_record files
-(no TensorFlow: see `common.py`).
+`RecordBuilder` fixes the features and the array_record format (no TensorFlow:
+see `common.py`). `SegmentationBuilder` adds the manual-dir input: a subclass
+names itself, describes its layout and implements `find_pairs`; the base class
+checks every file, then writes.
 
     builder = LoveDA(data_dir="~/tensorflow_datasets")
     builder.check(manual_dir)            # raises LayoutError before writing anything
@@ -25,8 +26,8 @@ from glare_jax.data import datasets
 from glare_jax.data.builders import common
 
 
-class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Images + masks from a manual dir -> `image`, `label`, `file_name` records.
+class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Writes `image`, `label`, `file_name` records as array_record files.
 
   Not registered with tfds (names like 'cityscapes' exist there already):
   construct the class directly, or through `builders.get_builder`.
@@ -46,6 +47,21 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
 
   def __init__(self, **kwargs):
     kwargs.setdefault("file_format", "array_record")
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=(self.__doc__ or "").strip(),
+        features=common.segmentation_features(self.IMAGE_ENCODING),
+        homepage=self.HOMEPAGE or None,
+    )
+
+
+class SegmentationBuilder(RecordBuilder, skip_registration=True):
+  """Images + masks from a manual dir, checked in full before anything is written."""
+
+  def __init__(self, **kwargs):
     super().__init__(**kwargs)
     self._checked: tuple[pathlib.Path, dict[str, list[common.Pair]]] | None = None
 
@@ -69,14 +85,6 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     common.check_pairs(splits, common.allowed_ids(max_id))
     self._checked = (root.resolve(), splits)
     return splits
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=(self.__doc__ or "").strip(),
-        features=common.segmentation_features(self.IMAGE_ENCODING),
-        homepage=self.HOMEPAGE or None,
-    )
 
   def _split_generators(self, dl_manager):
     splits = self.check(dl_manager.manual_dir)

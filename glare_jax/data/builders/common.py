@@ -151,9 +151,10 @@ def load_mask(path: pathlib.Path, label_map: np.ndarray | None = None
   return mask if label_map is None else label_map[mask]
 
 
-def encode_png(array: np.ndarray) -> bytes:
+def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
+  """uint8 [H, W] or [H, W, 3] -> PNG bytes (zlib level 0-9: speed vs size)."""
   buffer = io.BytesIO()
-  Image.fromarray(array).save(buffer, format="png")
+  Image.fromarray(array).save(buffer, format="png", compress_level=compress_level)
   return buffer.getvalue()
 
 
