@@ -86,7 +86,7 @@ def _water(rng, size):
 def _sand(rng, size):
   dunes = np.sin(2 * np.pi * _stripes(rng, size, rng.uniform(20, 40)))
   speckle = rng.random((size, size), dtype=np.float32)
-  return _shade((0.86, 0.76, 0.52), 0.92 + 0.06 * dunes + 0.08 * speckle)
+  return _shade((0.88, 0.70, 0.38), 0.92 + 0.06 * dunes + 0.08 * speckle)
 
 
 def _forest(rng, size):
@@ -98,7 +98,7 @@ def _road(rng, size):
   asphalt = 0.9 + 0.12 * rng.random((size, size), dtype=np.float32)
   image = _shade((0.42, 0.42, 0.45), asphalt)
   phase = _stripes(rng, size, rng.uniform(24, 48))
-  lane = np.abs(phase - 0.5) < 0.06
+  lane = np.abs(phase - 0.5) < 0.05
   image[lane] = (0.88, 0.88, 0.82)
   return image
 
