@@ -153,7 +153,8 @@ def test_loveda_test_split_without_masks(tmp_path):
   root = tmp_path / "loveda"
   for split in ("Train", "Val"):
     save(root / split / "Urban/images_png/5.png", rand_image(rng, 24, 20))
-    save(root / split / "Urban/masks_png/5.png", rng.integers(0, 8, (24, 20), dtype=np.uint8))
+    save(root / split / "Urban/masks_png/5.png",
+         rng.integers(0, 8, (24, 20), dtype=np.uint8))
   save(root / "Test/Rural/images_png/9.png", rand_image(rng, 16, 16))
   prepare.prepare("loveda", tmp_path / "tfds", root)
   test = read_split(tmp_path / "tfds", "loveda", "test")
@@ -210,7 +211,8 @@ def test_ade20k_mask_without_image(tmp_path):
 def test_cityscapes_train_ids_and_mapped_label_ids(tmp_path):
   rng = np.random.default_rng(3)
   root = tmp_path / "cityscapes"
-  label_ids = np.array([[7, 26, 0], [33, 5, 24]], np.uint8)      # road car - bicycle - person
+  # road, car, unlabeled / bicycle, (not evaluated), person
+  label_ids = np.array([[7, 26, 0], [33, 5, 24]], np.uint8)
   train_ids = np.array([[0, 13, 255], [18, 255, 11]], np.uint8)
   images = {}
   for split, city, stem in (("train", "aachen", "aachen_000000_000019"),

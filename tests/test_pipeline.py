@@ -46,8 +46,10 @@ def _render_views(image, views, cfg):
     return image[ys][:, xs] / 255.0
   boxes = views["boxes"]
   return {
-      "global_crops": np.stack([crop(b, cfg.global_size) for b in boxes[:cfg.num_global]]),
-      "local_crops": np.stack([crop(b, cfg.local_size) for b in boxes[cfg.num_global:]]),
+      "global_crops": np.stack([crop(b, cfg.global_size)
+                                for b in boxes[:cfg.num_global]]),
+      "local_crops": np.stack([crop(b, cfg.local_size)
+                               for b in boxes[cfg.num_global:]]),
   }
 
 
@@ -136,8 +138,9 @@ def test_pretrain_batches_shapes_and_determinism(demo_dir, multicrop_stand_in):
   assert (train.num_records, train.batch_size, train.steps_per_epoch) == (24, 4, 6)
   batches = take(iter(train.dataset), 3)
   b = batches[0]
-  assert b["global_crops"].shape == (4, 2, 16, 16, 3) and b["global_crops"].dtype == np.float32
-  assert b["local_crops"].shape == (4, 2, 8, 8, 3) and b["local_crops"].dtype == np.float32
+  assert b["global_crops"].shape == (4, 2, 16, 16, 3)
+  assert b["local_crops"].shape == (4, 2, 8, 8, 3)
+  assert b["global_crops"].dtype == b["local_crops"].dtype == np.float32
   assert b["boxes"].shape == (4, 4, 4) and b["boxes"].dtype == np.float32
   assert b["flips"].shape == (4, 4) and b["flips"].dtype == bool
 
@@ -159,7 +162,8 @@ def test_pretrain_device_augmentation_carries_images_and_views(demo_dir,
                                             process_count=1).dataset))
   assert batch["image"].shape == (4, 48, 48, 3) and batch["image"].dtype == np.uint8
   np.testing.assert_array_equal(batch["image_hw"], np.full((4, 2), SIZE))
-  assert np.all(batch["image"][:, SIZE:] == 0) and np.all(batch["image"][:, :, SIZE:] == 0)
+  assert np.all(batch["image"][:, SIZE:] == 0)
+  assert np.all(batch["image"][:, :, SIZE:] == 0)
   assert batch["views"]["boxes"].shape == (4, 4, 4)
   assert batch["views"]["boxes"].max() <= SIZE
 
@@ -293,6 +297,8 @@ def test_evaluation_yields_whole_images_sharded(demo_dir):
       assert element["label"].shape == (SIZE, SIZE)
       names.append(element["file_name"])
   assert sorted(names) == [f"{i:05d}.png" for i in range(NUM_VAL)]
+  # Without explicit arguments the shard is jax.process_index() of jax.process_count().
+  assert len(list(pipeline.evaluation_dataset(config))) == NUM_VAL
 
 
 def test_evaluation_keeps_each_image_size(tmp_path):
