@@ -44,6 +44,7 @@ from typing import Any, Callable, Sequence
 
 from absl import flags
 import grain
+import jax
 import ml_collections as mlc
 import numpy as np
 from PIL import Image
@@ -189,8 +190,6 @@ class _EvalExample:
 def _processes(process_index: int | None, process_count: int | None
                ) -> tuple[int, int]:
   if process_index is None or process_count is None:
-    # Imported here only: grain workers import this module and need no jax.
-    import jax  # pylint: disable=g-import-not-at-top
     return jax.process_index(), jax.process_count()
   return process_index, process_count
 
