@@ -4,8 +4,9 @@ r"""Writes a dataset's array_record files: `python -m glare_jax.data.prepare`.
     python -m glare_jax.data.prepare --dataset=loveda \
         --manual_dir=/data/LoveDA --data_dir=~/tensorflow_datasets
 
-A manual dir holds the extracted official archives (layouts: `--helpfull`, or
-the builders in `glare_jax/data/builders/`). Every file is checked before
+A manual dir holds the extracted official archives, laid out as the `LAYOUT`
+of each builder in `glare_jax/data/builders/` says (running without
+--manual_dir prints it). Every file is checked before
 anything is written; a bad input stops with an error naming the path. Re-running
 on a prepared dataset does nothing. No TensorFlow is needed.
 """
