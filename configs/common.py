@@ -115,6 +115,7 @@ def crops_config() -> mlc.ConfigDict:
       locals_in_union=True,         # draw locals inside the union of the global boxes
       max_redraws=100,
       augment_on="host",            # 'host' (grain workers) or 'device' (inside the step)
+      device_image_size=512,        # 'device': images shrunk to fit, padded to this square
   ))
 
 
@@ -205,6 +206,7 @@ def pretrain_config(dataset: str, arg: str | None = None) -> mlc.ConfigDict:
   c.data_dir = "~/tensorflow_datasets"
   c.train_split = "train"
   c.train_fraction = 1.0          # 0.1 / 0.2 / 0.5 / 1.0 of the train split (appendix C.3)
+  c.train_fraction_seed = 0       # picks the subset (nested: 10% inside 20% ...)
   c.num_epochs = 100
   c.batch_size = 512              # global batch; independent of the device count
   c.num_workers = 8               # grain worker processes per host

@@ -1,1 +1,33 @@
-"""data/builders."""
+"""TFDS builders (array_record files, no TensorFlow) for every dataset we train on.
+
+`get_builder(name, data_dir)` returns the builder of a dataset in
+`glare_jax.data.datasets`; `python -m glare_jax.data.prepare` runs it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import tensorflow_datasets as tfds
+
+from glare_jax.data.builders.ade20k import ADE20k
+from glare_jax.data.builders.cityscapes import Cityscapes
+from glare_jax.data.builders.common import LayoutError
+from glare_jax.data.builders.demo import Demo
+from glare_jax.data.builders.loveda import LoveDA
+from glare_jax.data.builders.pascal_context import PascalContext
+
+BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
+    cls.name: cls for cls in (LoveDA, ADE20k, Cityscapes, PascalContext, Demo)}
+
+
+def get_builder(name: str, data_dir: os.PathLike | str, **kwargs
+                ) -> tfds.core.GeneratorBasedBuilder:
+  """The builder of dataset `name` writing to / reading from `data_dir`."""
+  if name not in BUILDERS:
+    raise ValueError(f"unknown dataset {name!r}; known: {sorted(BUILDERS)}")
+  return BUILDERS[name](data_dir=os.path.expanduser(os.fspath(data_dir)), **kwargs)
+
+
+__all__ = ["ADE20k", "BUILDERS", "Cityscapes", "Demo", "LayoutError", "LoveDA",
+           "PascalContext", "get_builder"]

@@ -1,0 +1,263 @@
+"""grain input pipelines over the prepared records (no TensorFlow).
+
+    train = pretrain_input(config)             # or segmentation_input(config, transform)
+    it = iter(train.dataset)                   # a grain DatasetIterator
+    batch = next(it)                           # this process's share of the batch
+    state = it.get_state()                     # save with the checkpoint ...
+    it.set_state(state)                        # ... and continue exactly there
+
+Every training pipeline is the same chain: the record ids of the split (a
+deterministic `train_fraction` subset, appendix C.3) -> this process's shard
+(`ids[process_index::process_count]`: disjoint, covering, sizes within one) ->
+a seeded shuffle, re-drawn each epoch -> endless repetition -> the per-record
+work -> batches of `batch_size // process_count`. The per-record work draws
+from `numpy.random.default_rng([seed, epoch, record_id])`, so a record's
+augmentation depends only on the seed, the epoch and the record: not on the
+process layout, the worker count or the position in the stream. With
+`num_workers > 0` the work runs in that many grain worker processes (the
+per-record callables and `transform`s must be picklable); with 0, in this
+process. Either way the batches are identical.
+
+Pre-training elements (batched to [B, ...]; docs/DESIGN.md):
+  crops.augment_on == 'host':
+    global_crops [G, Sg, Sg, 3] f32, local_crops [L, Sl, Sl, 3] f32,
+    boxes [G + L, 4] f32 (x0, y0, x1, y1) in source pixels, flips [G + L] bool
+  crops.augment_on == 'device':
+    image [D, D, 3] uint8: the image, shrunk (bicubic, aspect kept) to fit in
+      D x D when larger (D = crops.device_image_size), zero-padded at the
+      bottom/right,
+    image_hw [2] int32: the (h, w) of the image inside the padding,
+    views: `multicrop.sample_views` of that (h, w) image (boxes in its pixels).
+Segmentation training elements: {image [H, W, 3] uint8, label [H, W] uint8}
+after `transform(image, label, rng)`; batching needs it to return fixed sizes.
+Evaluation elements (one whole image at a time, not batched):
+  {image [H, W, 3] uint8, label [H, W] uint8, file_name str}.
+Labels are the dataset's own ids (reduce_zero_label is the transform's job).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from typing import Any, Callable, Sequence
+
+from absl import flags
+import grain
+import jax
+import ml_collections as mlc
+import numpy as np
+from PIL import Image
+import tensorflow_datasets as tfds
+
+from glare_jax.data import builders
+from glare_jax.data.builders import common
+
+# (image, label, rng) -> (image, label); e.g. glare_jax.data.seg_transforms.
+Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator],
+                     tuple[np.ndarray, np.ndarray]]
+
+_RAW = {"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainInput:
+  """An endless stream of this process's batches, and how it was made."""
+  dataset: grain.IterDataset  # iter() -> a DatasetIterator with get/set_state
+  num_records: int            # records in the (fraction of the) split, all processes
+  batch_size: int             # per process
+  steps_per_epoch: int        # num_records // global batch size
+
+
+# ----------------------------------------------------------------------------
+# Records, subsets and shards.
+# ----------------------------------------------------------------------------
+
+
+def open_split(dataset: str, data_dir: os.PathLike | str, split: str
+               ) -> Sequence[dict[str, Any]]:
+  """Random access to a prepared split: records {image, label: bytes, file_name}."""
+  builder = builders.get_builder(dataset, data_dir)
+  if not builder.is_prepared():
+    manual = "" if dataset == "demo" else " --manual_dir=PATH"
+    raise FileNotFoundError(
+        f"dataset {dataset!r} is not prepared in {builder.data_dir}; run:\n"
+        f"  python -m glare_jax.data.prepare --dataset={dataset}{manual} "
+        f"--data_dir={data_dir}")
+  splits = sorted(builder.info.splits)
+  if split.isidentifier() and split not in splits:
+    raise ValueError(f"dataset {dataset!r} in {builder.data_dir} has no split "
+                     f"{split!r}; prepared splits: {splits}")
+  return builder.as_data_source(split, decoders=_RAW)
+
+
+def subset_indices(num_records: int, fraction: float, seed: int) -> np.ndarray:
+  """Sorted ids of a deterministic `fraction` of `num_records` (appendix C.3).
+
+  The subsets are prefixes of one seeded permutation, so the 10 % subset lies
+  inside the 20 % one, and so on; the training seed does not change them.
+  """
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
+  count = max(1, round(fraction * num_records))
+  return np.sort(np.random.default_rng(seed).permutation(num_records)[:count])
+
+
+def shard_indices(indices: np.ndarray, process_index: int, process_count: int
+                  ) -> np.ndarray:
+  """This process's share of `indices`: every `process_count`-th from its index."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in "
+                     f"[0, process_count={process_count})")
+  return indices[process_index::process_count]
+
+
+def fit_image(image: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+  """[H, W, 3] -> ([size, size, 3]: shrunk to fit if larger, zero-padded; (h, w))."""
+  height, width = image.shape[:2]
+  scale = min(1.0, size / max(height, width))
+  h, w = max(1, round(height * scale)), max(1, round(width * scale))
+  if (h, w) != (height, width):
+    image = np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BICUBIC))
+  out = np.zeros((size, size, 3), np.uint8)
+  out[:h, :w] = image
+  return out, (h, w)
+
+
+# ----------------------------------------------------------------------------
+# Per-record work (picklable: it travels to the worker processes).
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _PretrainExample:
+  source: Sequence[dict[str, Any]]
+  crops: mlc.ConfigDict
+  seed: int
+  epoch_len: int
+
+  def __call__(self, position: int, record: int) -> dict[str, Any]:
+    rng = np.random.default_rng([self.seed, position // self.epoch_len, int(record)])
+    image = common.decode_image(self.source[int(record)]["image"])   # [H, W, 3]
+    multicrop = importlib.import_module("glare_jax.data.multicrop")
+    if self.crops.augment_on == "device":
+      image, hw = fit_image(image, self.crops.device_image_size)
+      views = multicrop.sample_views(rng, hw, self.crops)
+      return {"image": image, "image_hw": np.asarray(hw, np.int32), "views": views}
+    views = multicrop.sample_views(rng, image.shape[:2], self.crops)
+    rendered = multicrop.render_views(image, views, self.crops)
+    return {
+        "global_crops": np.asarray(rendered["global_crops"], np.float32),
+        "local_crops": np.asarray(rendered["local_crops"], np.float32),
+        "boxes": np.asarray(views["boxes"], np.float32),
+        "flips": np.asarray(views["flips"], bool),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class _SegmentationExample:
+  source: Sequence[dict[str, Any]]
+  transform: Transform | None
+  seed: int
+  epoch_len: int
+
+  def __call__(self, position: int, record: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng([self.seed, position // self.epoch_len, int(record)])
+    raw = self.source[int(record)]
+    image = common.decode_image(raw["image"])    # [H, W, 3] uint8
+    label = common.decode_label(raw["label"])    # [H, W] uint8
+    if self.transform is not None:
+      image, label = self.transform(image, label, rng)
+    return {"image": image, "label": label}
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalExample:
+  source: Sequence[dict[str, Any]]
+
+  def __call__(self, record: int) -> dict[str, Any]:
+    raw = self.source[int(record)]
+    return {"image": common.decode_image(raw["image"]),
+            "label": common.decode_label(raw["label"]),
+            "file_name": raw["file_name"].decode()}
+
+
+# ----------------------------------------------------------------------------
+# Pipelines.
+# ----------------------------------------------------------------------------
+
+
+def _processes(process_index: int | None, process_count: int | None
+               ) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    return jax.process_index(), jax.process_count()
+  return process_index, process_count
+
+
+def _finish(ds: grain.MapDataset, num_workers: int, prefetch: int
+            ) -> grain.IterDataset:
+  """Reads ahead `prefetch` elements, in `num_workers` processes if > 0."""
+  out = ds.to_iter_dataset(grain.ReadOptions(num_threads=1,
+                                             prefetch_buffer_size=prefetch))
+  if num_workers > 0:
+    if not flags.FLAGS.is_parsed():   # grain reads its absl flags in the parent
+      flags.FLAGS.mark_as_parsed()
+    out = out.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=prefetch))
+  return out
+
+
+def _train_input(config: mlc.ConfigDict, split: str, fraction: float,
+                 make_example, process_index: int | None,
+                 process_count: int | None) -> TrainInput:
+  index, count = _processes(process_index, process_count)
+  if config.batch_size % count:
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
+                     f"{count} processes")
+  batch = config.batch_size // count
+  source = open_split(config.dataset, config.data_dir, split)
+  subset_seed = config.train_fraction_seed if fraction < 1.0 else 0
+  ids = subset_indices(len(source), fraction, subset_seed)
+  shard = shard_indices(ids, index, count)
+  if len(shard) < batch:
+    raise ValueError(f"{config.dataset} {split} gives this process {len(shard)} "
+                     f"records, fewer than its batch of {batch}")
+  ds = grain.MapDataset.source(shard).shuffle(seed=config.seed).repeat(None)
+  ds = ds.map_with_index(make_example(source, len(shard)))
+  ds = ds.batch(batch, drop_remainder=True)
+  return TrainInput(dataset=_finish(ds, config.num_workers, config.prefetch),
+                    num_records=len(ids), batch_size=batch,
+                    steps_per_epoch=len(ids) // config.batch_size)
+
+
+def pretrain_input(config: mlc.ConfigDict, *, process_index: int | None = None,
+                   process_count: int | None = None) -> TrainInput:
+  """Multi-crop batches of `config.train_split` (fields: see pretrain_config).
+
+  `process_index` / `process_count` default to jax.process_index() / count().
+  """
+  make = lambda source, n: _PretrainExample(source, config.crops, config.seed, n)
+  return _train_input(config, config.train_split, config.train_fraction, make,
+                      process_index, process_count)
+
+
+def segmentation_input(config: mlc.ConfigDict, transform: Transform | None, *,
+                       split: str = "train", process_index: int | None = None,
+                       process_count: int | None = None) -> TrainInput:
+  """Batches of transformed (image, label) pairs from the whole `split`.
+
+  Reads config.dataset, data_dir, batch_size, num_workers, prefetch, seed.
+  """
+  make = lambda source, n: _SegmentationExample(source, transform, config.seed, n)
+  return _train_input(config, split, 1.0, make, process_index, process_count)
+
+
+def evaluation_dataset(config: mlc.ConfigDict, *, split: str = "validation",
+                       process_index: int | None = None,
+                       process_count: int | None = None) -> grain.IterDataset:
+  """This process's share of `split`, whole images one by one, in record order."""
+  index, count = _processes(process_index, process_count)
+  source = open_split(config.dataset, config.data_dir, split)
+  shard = shard_indices(np.arange(len(source)), index, count)
+  ds = grain.MapDataset.source(shard).map(_EvalExample(source))
+  return _finish(ds, config.num_workers, config.prefetch)

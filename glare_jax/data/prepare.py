@@ -1,0 +1,106 @@
+r"""Writes a dataset's array_record files: `python -m glare_jax.data.prepare`.
+
+    python -m glare_jax.data.prepare --dataset=demo --data_dir=~/tensorflow_datasets
+    python -m glare_jax.data.prepare --dataset=loveda \
+        --manual_dir=/data/LoveDA --data_dir=~/tensorflow_datasets
+
+A manual dir holds the extracted official archives, laid out as the `LAYOUT`
+of each builder in `glare_jax/data/builders/` says (running without
+--manual_dir prints it). Every file is checked before
+anything is written; a bad input stops with an error naming the path. Re-running
+on a prepared dataset does nothing. No TensorFlow is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import tensorflow_datasets as tfds
+
+from glare_jax.data import builders
+from glare_jax.data.builders import demo
+
+_DATASET = flags.DEFINE_enum("dataset", None, sorted(builders.BUILDERS),
+                             "Dataset to prepare.")
+_DATA_DIR = flags.DEFINE_string("data_dir", "~/tensorflow_datasets",
+                                "Where the prepared records are written.")
+_MANUAL_DIR = flags.DEFINE_string(
+    "manual_dir", None, "The extracted official archives (not for --dataset=demo).")
+_DEMO_NUM_TRAIN = flags.DEFINE_integer("demo_num_train", demo.NUM_TRAIN,
+                                       "demo: training images.")
+_DEMO_NUM_VALIDATION = flags.DEFINE_integer(
+    "demo_num_validation", demo.NUM_VALIDATION, "demo: validation images.")
+_DEMO_IMAGE_SIZE = flags.DEFINE_integer("demo_image_size", demo.IMAGE_SIZE,
+                                        "demo: image side in pixels.")
+_DEMO_SEED = flags.DEFINE_integer("demo_seed", demo.SEED, "demo: generator seed.")
+
+
+def prepare(dataset: str, data_dir: os.PathLike | str,
+            manual_dir: os.PathLike | str | None = None, **demo_kwargs
+            ) -> pathlib.Path:
+  """Prepares `dataset` under `data_dir` unless it is there; returns its folder.
+
+  `demo_kwargs` (num_train, num_validation, image_size, seed) size the demo.
+  """
+  if dataset == "demo":
+    if manual_dir:
+      raise ValueError("--dataset=demo is generated; it takes no --manual_dir")
+    builder = builders.get_builder(dataset, data_dir, **demo_kwargs)
+  else:
+    if demo_kwargs:
+      raise ValueError(f"{sorted(demo_kwargs)} only apply to --dataset=demo")
+    builder = builders.get_builder(dataset, data_dir)
+  path = pathlib.Path(builder.data_dir)
+  if builder.is_prepared():
+    logging.info("%s is already prepared in %s; nothing to do.", dataset, path)
+    if dataset == "demo":
+      _warn_if_resized(builder, demo_kwargs)
+    return path
+  if dataset != "demo":
+    if not manual_dir:
+      raise ValueError(f"--dataset={dataset} needs --manual_dir, a folder "
+                       f"holding:\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+    manual_dir = os.path.expanduser(os.fspath(manual_dir))
+    builder.check(manual_dir)   # every problem reported before anything is written
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=manual_dir, try_download_gcs=False))
+  for split, info in builder.info.splits.items():
+    logging.info("%s %s: %d records", dataset, split, info.num_examples)
+  return path
+
+
+def _warn_if_resized(builder, demo_kwargs) -> None:
+  """A prepared demo is kept as is; say so when other sizes were asked for."""
+  asked = {"train": demo_kwargs.get("num_train", demo.NUM_TRAIN),
+           "validation": demo_kwargs.get("num_validation", demo.NUM_VALIDATION)}
+  have = {s: builder.info.splits[s].num_examples for s in asked}
+  if have != asked:
+    logging.warning("the prepared demo in %s has %s images, not %s; delete that "
+                    "folder to regenerate it", builder.data_dir, have, asked)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  demo_kwargs = {}
+  if _DATASET.value == "demo":
+    demo_kwargs = dict(num_train=_DEMO_NUM_TRAIN.value,
+                       num_validation=_DEMO_NUM_VALIDATION.value,
+                       image_size=_DEMO_IMAGE_SIZE.value, seed=_DEMO_SEED.value)
+  try:
+    path = prepare(_DATASET.value, _DATA_DIR.value, _MANUAL_DIR.value, **demo_kwargs)
+  except builders.LayoutError as e:
+    sys.exit(f"error: {e}")
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  print(f"{_DATASET.value} is ready in {path}")
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("dataset")
+  app.run(main)
