@@ -46,7 +46,6 @@ import jax.numpy as jnp
 import numpy as np
 
 LUMA = (0.299, 0.587, 0.114)
-JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 PHOTOMETRIC_KEYS = ("jitter", "jitter_order", "jitter_factors", "grayscale", "blur",
                     "blur_sigma", "solarize")
 
