@@ -1,14 +1,11 @@
 """grain pipelines on a small prepared demo dataset (24 train, 6 validation, 32 px).
 
-The pre-training tests put a stand-in for `glare_jax.data.multicrop` in place
-(its two functions with the agreed signatures and shapes); they check the
-pipeline, not the augmentation.
+The pre-training tests run the real multi-crop augmentation at tiny crop sizes;
+they check the pipeline (tests/test_multicrop.py checks the augmentation).
 """
 
 import hashlib
 import json
-import sys
-import types
 
 import numpy as np
 from PIL import Image
@@ -28,37 +25,6 @@ def demo_dir(tmp_path_factory):
   prepare.prepare("demo", data_dir, num_train=NUM_TRAIN, num_validation=NUM_VAL,
                   image_size=SIZE)
   return data_dir
-
-
-def _sample_views(rng, image_hw, cfg):
-  num_views = cfg.num_global + cfg.num_local
-  h, w = image_hw
-  x0, y0 = rng.uniform(0, w / 2, num_views), rng.uniform(0, h / 2, num_views)
-  return {"boxes": np.stack([x0, y0, x0 + w / 2, y0 + h / 2], axis=1),
-          "flips": rng.random(num_views) < cfg.flip_p}
-
-
-def _render_views(image, views, cfg):
-  def crop(box, size):   # nearest-neighbour crop of the box
-    x0, y0, x1, y1 = box
-    xs = (x0 + (np.arange(size) + 0.5) * (x1 - x0) / size).astype(int)
-    ys = (y0 + (np.arange(size) + 0.5) * (y1 - y0) / size).astype(int)
-    return image[ys][:, xs] / 255.0
-  boxes = views["boxes"]
-  return {
-      "global_crops": np.stack([crop(b, cfg.global_size)
-                                for b in boxes[:cfg.num_global]]),
-      "local_crops": np.stack([crop(b, cfg.local_size)
-                               for b in boxes[cfg.num_global:]]),
-  }
-
-
-@pytest.fixture
-def multicrop_stand_in(monkeypatch):
-  module = types.ModuleType("glare_jax.data.multicrop")
-  module.sample_views = _sample_views
-  module.render_views = _render_views
-  monkeypatch.setitem(sys.modules, "glare_jax.data.multicrop", module)
 
 
 def make_config(data_dir, **overrides):
@@ -132,7 +98,7 @@ def test_fit_image_shrinks_keeps_aspect_and_pads():
 # ----------------------------------------------------------------------------
 
 
-def test_pretrain_batches_shapes_and_determinism(demo_dir, multicrop_stand_in):
+def test_pretrain_batches_shapes_and_determinism(demo_dir):
   config = make_config(demo_dir)
   train = pipeline.pretrain_input(config, process_index=0, process_count=1)
   assert (train.num_records, train.batch_size, train.steps_per_epoch) == (24, 4, 6)
@@ -153,8 +119,7 @@ def test_pretrain_batches_shapes_and_determinism(demo_dir, multicrop_stand_in):
   assert not np.array_equal(other[0]["boxes"], batches[0]["boxes"])
 
 
-def test_pretrain_device_augmentation_carries_images_and_views(demo_dir,
-                                                               multicrop_stand_in):
+def test_pretrain_device_augmentation_carries_images_and_views(demo_dir):
   config = make_config(demo_dir)
   config.crops.augment_on = "device"
   config.crops.device_image_size = 48
@@ -164,11 +129,12 @@ def test_pretrain_device_augmentation_carries_images_and_views(demo_dir,
   np.testing.assert_array_equal(batch["image_hw"], np.full((4, 2), SIZE))
   assert np.all(batch["image"][:, SIZE:] == 0)
   assert np.all(batch["image"][:, :, SIZE:] == 0)
-  assert batch["views"]["boxes"].shape == (4, 4, 4)
-  assert batch["views"]["boxes"].max() <= SIZE
+  assert batch["boxes"].shape == (4, 4, 4)
+  assert batch["boxes"].max() <= SIZE
+  assert "global_crops" not in batch
 
 
-def test_iterator_state_restores_exactly(demo_dir, multicrop_stand_in):
+def test_iterator_state_restores_exactly(demo_dir):
   config = make_config(demo_dir)
   make = lambda: pipeline.pretrain_input(config, process_index=0, process_count=1)
   iterator = iter(make().dataset)
@@ -219,7 +185,7 @@ def test_epochs_are_reshuffled(demo_dir):
   assert first != second
 
 
-def test_pretrain_fraction_reads_its_subset(demo_dir, multicrop_stand_in):
+def test_pretrain_fraction_reads_its_subset(demo_dir):
   config = make_config(demo_dir, train_fraction=0.5)
   train = pipeline.pretrain_input(config, process_index=0, process_count=1)
   assert (train.num_records, train.steps_per_epoch) == (12, 3)

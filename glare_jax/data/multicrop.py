@@ -237,15 +237,18 @@ def render_views(image: np.ndarray, views: dict, cfg) -> dict[str, np.ndarray]:
   return {"global_crops": np.stack(crops[:g]), "local_crops": local}
 
 
-def augment_record(image: np.ndarray, rng: np.random.Generator, cfg) -> dict[str, np.ndarray]:
+def augment_record(image: np.ndarray, rng: np.random.Generator, cfg,
+                   image_hw: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
   """What a grain worker emits for one record (docs/DESIGN.md, the pre-training batch).
 
   augment_on='host': global_crops, local_crops, boxes, flips. augment_on='device':
   image (uint8; every image of a batch must share one shape), boxes, flips; the
   step draws the photometric parameters and renders (`augment_batch_jax`).
+  `image_hw`: the valid (h, w) at the top-left of a padded image (default: all of it);
+  boxes are drawn inside it.
   """
   _check_image(image, "augment_record")
-  views = sample_views(rng, image.shape[:2], cfg)
+  views = sample_views(rng, image_hw or image.shape[:2], cfg)
   out = {"boxes": views["boxes"], "flips": views["flips"]}
   if cfg.augment_on == "host":
     return {**render_views(image, views, cfg), **out}

@@ -27,7 +27,8 @@ Pre-training elements (batched to [B, ...]; docs/DESIGN.md):
       D x D when larger (D = crops.device_image_size), zero-padded at the
       bottom/right,
     image_hw [2] int32: the (h, w) of the image inside the padding,
-    views: `multicrop.sample_views` of that (h, w) image (boxes in its pixels).
+    boxes [V, 4] f32 (in the pixels of that (h, w) image), flips [V] bool;
+    the step draws the photometric parameters and renders the crops.
 Segmentation training elements: {image [H, W, 3] uint8, label [H, W] uint8}
 after `transform(image, label, rng)`; batching needs it to return fixed sizes.
 Evaluation elements (one whole image at a time, not batched):
@@ -38,7 +39,6 @@ Labels are the dataset's own ids (reduce_zero_label is the transform's job).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 from typing import Any, Callable, Sequence
 
@@ -51,6 +51,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from glare_jax.data import builders
+from glare_jax.data import multicrop
 from glare_jax.data.builders import common
 
 # (image, label, rng) -> (image, label); e.g. glare_jax.data.seg_transforms.
@@ -139,19 +140,11 @@ class _PretrainExample:
   def __call__(self, position: int, record: int) -> dict[str, Any]:
     rng = np.random.default_rng([self.seed, position // self.epoch_len, int(record)])
     image = common.decode_image(self.source[int(record)]["image"])   # [H, W, 3]
-    multicrop = importlib.import_module("glare_jax.data.multicrop")
     if self.crops.augment_on == "device":
       image, hw = fit_image(image, self.crops.device_image_size)
-      views = multicrop.sample_views(rng, hw, self.crops)
-      return {"image": image, "image_hw": np.asarray(hw, np.int32), "views": views}
-    views = multicrop.sample_views(rng, image.shape[:2], self.crops)
-    rendered = multicrop.render_views(image, views, self.crops)
-    return {
-        "global_crops": np.asarray(rendered["global_crops"], np.float32),
-        "local_crops": np.asarray(rendered["local_crops"], np.float32),
-        "boxes": np.asarray(views["boxes"], np.float32),
-        "flips": np.asarray(views["flips"], bool),
-    }
+      out = multicrop.augment_record(image, rng, self.crops, image_hw=hw)
+      return {**out, "image_hw": np.asarray(hw, np.int32)}
+    return multicrop.augment_record(image, rng, self.crops)
 
 
 @dataclasses.dataclass(frozen=True)
