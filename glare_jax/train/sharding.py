@@ -172,7 +172,7 @@ def param_shardings(params: Any, mesh: Mesh,
 
   out = jax.tree_util.tree_map_with_path(one, params)
   for name, shape, spec in sharded:
-    logging.info("sharding: %s %s -> %s", name, shape, spec)
+    logging.info("sharding: %s %s -> %s", name, shape, tuple(spec))
   if rules and not sharded:
     logging.warning("sharding: config.mesh.fsdp_rules %s sharded no parameter", rules)
   return out
