@@ -77,6 +77,21 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 
 # --- the manager ---------------------------------------------------------------------
 
+TMP_MARK = ".orbax-checkpoint-tmp"   # orbax's suffix for a step still being written
+
+def _remove_unfinished(directory: epath.Path) -> None:
+  """Deletes what a save interrupted by a crash left (`<step>.orbax-checkpoint-tmp-*`).
+
+  orbax would also do it, but in the background; doing it first makes a restart
+  start from a clean directory.
+  """
+  if directory.exists():
+    for path in directory.iterdir():
+      if TMP_MARK in path.name:
+        logging.warning("checkpoint: removing unfinished save %s", path)
+        path.rmtree()
+
+
 def abstract_state(shapes: Any, shardings: Any) -> Any:
   """`jax.eval_shape` output + shardings -> restore target (ShapeDtypeStructs)."""
   return jax.tree.map(
@@ -95,6 +110,8 @@ class Checkpointer:
                async_save: bool = True):
     self.directory = epath.Path(workdir) / "checkpoints"
     self.every_steps = int(every_steps)
+    if jax.process_index() == 0:
+      _remove_unfinished(self.directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=int(keep) if keep and keep > 0 else None,
         cleanup_tmp_directories=True,        # remove what a crashed save left behind
