@@ -69,7 +69,8 @@ def initialize(dist_config: Any) -> Plan:
     return _started
   p = plan(dist_config)
   if p.method != "single":
-    if jax.distributed.is_initialized():
+    is_initialized = getattr(jax.distributed, "is_initialized", lambda: False)
+    if is_initialized():
       logging.info("distributed: already initialised elsewhere; keeping it")
     else:
       logging.info("distributed: initialising via %s %s", p.method, dict(p.kwargs))

@@ -102,9 +102,9 @@ def local_batch_size(global_batch: int, mesh: Mesh) -> int:
 def global_batch(local: Any, mesh: Mesh) -> Any:
   """Process-local numpy batch (a pytree, leading axis B_local) -> global jax.Arrays.
 
-  Each process passes its own B / process_count examples; the result is one
-  array of leading size B, split over the mesh's data axes. Process p's rows
-  land at [p * B_local, (p + 1) * B_local) of the global batch.
+  Each process passes its own B / process_count examples (its shard of the
+  data); the result is one array of leading size B, split over the mesh's data
+  axes, each process's examples in the rows its devices hold.
   """
   sharding = batch_sharding(mesh)
   n_proc = jax.process_count()
