@@ -167,11 +167,10 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
   cache = tmp_path / "jax_cache"
   common = ["--steps=12", "--checkpoint_every=4", "--log_every=2", "--keep=2"]
   full = tiny_trainer.launch([f"--workdir={tmp_path / 'full'}", f"--out={tmp_path / 'full.npz'}",
-                              *common], cache)
+                              *common], cache_dir=cache)
   killed = tiny_trainer.launch([f"--workdir={tmp_path / 'crash'}", "--kill_at_step=8",
-                                *common], cache)
-  out_full, _ = full.communicate(timeout=300)
-  out_killed, _ = killed.communicate(timeout=300)
+                                *common], cache_dir=cache)
+  out_full, out_killed = tiny_trainer.finish(full, killed)
   assert full.returncode == 0, out_full
   assert killed.returncode == -9, out_killed
   steps = [r["step"] for r in train_logging.read_metrics(tmp_path / "crash" / "metrics.jsonl")]
@@ -180,8 +179,8 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
   assert "4" in [p.name for p in (tmp_path / "crash" / "checkpoints").iterdir()]
 
   resumed = tiny_trainer.launch([f"--workdir={tmp_path / 'crash'}",
-                                 f"--out={tmp_path / 'crash.npz'}", *common], cache)
-  out_resumed, _ = resumed.communicate(timeout=300)
+                                 f"--out={tmp_path / 'crash.npz'}", *common], cache_dir=cache)
+  (out_resumed,) = tiny_trainer.finish(resumed)
   assert resumed.returncode == 0, out_resumed
 
   a, b = np.load(tmp_path / "full.npz"), np.load(tmp_path / "crash.npz")

@@ -55,15 +55,17 @@ def test_initialize_single_process_is_idempotent(monkeypatch):
 def test_two_processes_match_one(tmp_path):
   """2 processes x 4 CPU devices (data 2 x fsdp 4 across them) = 1 process x 8 devices."""
   port = tiny_trainer.free_port()
-  common = ["--steps=6", "--checkpoint_every=3", "--log_every=1", "--devices=4",
+  common = ["--steps=6", "--checkpoint_every=3", "--log_every=1",
             "--data=2", "--fsdp=4", "--fsdp_rules=.*/kernel=fsdp",
             f"--coordinator=127.0.0.1:{port}", "--num_processes=2"]
   procs = [tiny_trainer.launch([f"--workdir={tmp_path / 'two'}", f"--process_id={i}",
-                                f"--out={tmp_path / 'two.npz'}", *common])
+                                f"--out={tmp_path / 'two.npz'}", *common], devices=4)
            for i in range(2)]
-  ref = tiny_trainer.train(tmp_path / "one",
-                           tiny_trainer.Options(steps=6, checkpoint_every=3, log_every=1))
-  outs = [p.communicate(timeout=300)[0] for p in procs]
+  try:
+    ref = tiny_trainer.train(tmp_path / "one",
+                             tiny_trainer.Options(steps=6, checkpoint_every=3, log_every=1)).state
+  finally:
+    outs = tiny_trainer.finish(*procs)
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out
 

@@ -111,7 +111,7 @@ def test_nan_stops_the_run_and_the_last_good_checkpoint_resumes(tmp_path):
   assert [r["step"] for r in train_logging.read_metrics(tmp_path / "metrics.jsonl")] == [3, 6]
 
   opts.nan_at_step = 0
-  state = tiny_trainer.train(tmp_path, opts)
+  state = tiny_trainer.train(tmp_path, opts).state
   assert int(state["step"]) == 10
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
   steps = [r["step"] for r in train_logging.read_metrics(tmp_path / "metrics.jsonl")]

@@ -9,8 +9,11 @@ centre, the step and an rng key.
 
 In-process: `train(workdir, Options(...))`. As a program (subprocess tests):
 
-    python tests/tiny_trainer.py --workdir=DIR --steps=12 [--kill_at_step=6]
-        [--coordinator=127.0.0.1:PORT --num_processes=2 --process_id=0] [--devices=4]
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 PYTHONPATH=. \
+        python tests/tiny_trainer.py --workdir=DIR --steps=12 [--kill_at_step=6] \
+        [--coordinator=127.0.0.1:PORT --num_processes=2 --process_id=0]
+
+(`launch` starts it so.)
 """
 
 from __future__ import annotations
@@ -26,7 +29,16 @@ import sys
 import types
 from typing import Any
 
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
 import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from glare_jax.train import checkpoint, distributed, logging, sharding
 
 D_IN, HIDDEN, D_OUT, NUM_EXAMPLES = 16, 64, 8, 96
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -57,8 +69,6 @@ def make_data() -> dict[str, np.ndarray]:
 
 def make_pipeline(data: dict[str, np.ndarray], local_batch: int, seed: int):
   """A grain pipeline of this process's slice of each global batch (infinite)."""
-  import grain  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   start = jax.process_index() * local_batch
   global_batch = local_batch * jax.process_count()
   ds = (grain.MapDataset.range(len(data["x"])).shuffle(seed=seed).repeat()
@@ -70,13 +80,6 @@ def make_pipeline(data: dict[str, np.ndarray], local_batch: int, seed: int):
 
 def build(opts: Options, devices=None) -> types.SimpleNamespace:
   """Mesh, model, optimizer, state shapes and shardings, and the jitted steps."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import ml_collections as mlc  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-
-  from glare_jax.train import sharding  # pylint: disable=g-import-not-at-top
 
   # --- mesh
   mesh = sharding.make_mesh(mlc.ConfigDict(dict(data=opts.data, fsdp=opts.fsdp)), devices)
@@ -137,13 +140,12 @@ def build(opts: Options, devices=None) -> types.SimpleNamespace:
                      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0))
 
 
-def train(workdir: str, opts: Options, devices=None) -> dict[str, Any]:
-  """Runs (or resumes) to `opts.steps`; returns the final state on the host."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+def train(workdir: str, opts: Options, devices=None) -> types.SimpleNamespace:
+  """Runs (or resumes) to `opts.steps`.
 
-  from glare_jax.train import checkpoint, logging, sharding  # pylint: disable=g-import-not-at-top
-
+  Returns `.state`, the final state gathered on the host (rng as key data), and
+  `.shardings`, the shardings the final device state had.
+  """
   t = build(opts, devices)
   # --- input
   local_batch = sharding.local_batch_size(opts.batch_size, t.mesh)
@@ -174,15 +176,16 @@ def train(workdir: str, opts: Options, devices=None) -> dict[str, Any]:
           ckpt.save(step, state, data_iter)
         if step == opts.kill_at_step:       # crash while the save may still be writing
           os.kill(os.getpid(), signal.SIGKILL)
+  shardings = jax.tree.map(lambda x: x.sharding, state)
   state = {**state, "rng": jax.random.key_data(state["rng"])}
-  return jax.tree.map(np.asarray, multihost_utils.process_allgather(state, tiled=True))
+  host = jax.tree.map(np.asarray, multihost_utils.process_allgather(state, tiled=True))
+  return types.SimpleNamespace(state=host, shardings=shardings)
 
 
 def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("--workdir", required=True)
-  p.add_argument("--out", default="", help="npz file for the final parameters (process 0)")
-  p.add_argument("--devices", type=int, default=8, help="fake CPU devices per process")
+  p.add_argument("--out", default="", help="npz file for the final state (process 0)")
   p.add_argument("--coordinator", default="")
   p.add_argument("--num_processes", type=int, default=1)
   p.add_argument("--process_id", type=int, default=0)
@@ -192,39 +195,32 @@ def main(argv=None):
   p.add_argument("--fsdp_rules", default="", help="regex=axis,regex=axis")
   args = p.parse_args(argv)
 
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  import jax  # pylint: disable=g-import-not-at-top
-  import ml_collections as mlc  # pylint: disable=g-import-not-at-top
-  from glare_jax.train import distributed  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_default_matmul_precision", "highest")
   distributed.initialize(mlc.ConfigDict(dict(
       coordinator_address=args.coordinator, num_processes=args.num_processes,
       process_id=args.process_id)))
-
   opts = Options(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Options)
                     if f.type in ("int", int)})
   opts.fsdp_rules = tuple(tuple(r.split("=")) for r in args.fsdp_rules.split(",") if r)
-  state = train(args.workdir, opts)
+  state = train(args.workdir, opts).state
   if args.out and jax.process_index() == 0:
     np.savez(args.out, **flatten(state))
 
 
 def flatten(tree: Any) -> dict[str, np.ndarray]:
-  import jax  # pylint: disable=g-import-not-at-top
-  from glare_jax.train.sharding import path_str  # pylint: disable=g-import-not-at-top
-  return {path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {sharding.path_str(p): np.asarray(v)
+          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def launch(args: list[str], cache_dir: str | os.PathLike | None = None,
+def launch(args: list[str], devices: int = 8, cache_dir: str | os.PathLike | None = None,
            **popen_kw) -> subprocess.Popen:
-  """Starts this file as a program (repository on PYTHONPATH, no TPU/GPU lookup).
+  """Starts this file as a program with `devices` CPU devices (repository on PYTHONPATH).
 
   `cache_dir` shares compiled programs between the runs of a test (JAX's
   persistent compilation cache): restarts then skip most of the compile time.
   """
-  env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
-  env.pop("XLA_FLAGS", None)
+  env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
   if cache_dir:
     env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -232,6 +228,17 @@ def launch(args: list[str], cache_dir: str | os.PathLike | None = None,
   return subprocess.Popen([sys.executable, __file__, *args], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           **popen_kw)
+
+
+def finish(*procs: subprocess.Popen, timeout: float = 300) -> list[str]:
+  """Waits for the programs and returns their outputs; kills any left on failure."""
+  try:
+    return [p.communicate(timeout=timeout)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
 
 
 def free_port() -> int:
