@@ -59,13 +59,15 @@ def test_entry_point_parses_arguments_and_overrides(tmp_path):
   workdir = tmp_path / "run"
   args = ["--config=configs/loveda.py:tiny,objective=udi", f"--workdir={workdir}",
           "--config.batch_size=16", "--config.optim.base_lr=3e-4",
-          "--config.crops.global_scale=(0.3,1.0)", "--config.mesh.fsdp=2"]
+          "--config.crops.global_scale=(0.3,1.0)", "--config.mesh.fsdp=2",
+          "--config.mesh.fsdp_rules=(('backbone/.*/kernel','fsdp'),('head/.*',None))"]
   r = main_program(args, {"pretrain": "echo_mode"})
   assert r.returncode == 0, r.stderr
   got = json.loads((workdir / "received.json").read_text())
   assert got["model"]["variant"] == "tiny_test" and got["objective"] == "udi"
   assert got["batch_size"] == 16 and got["optim"]["base_lr"] == 3e-4
   assert got["crops"]["global_scale"] == [0.3, 1.0] and got["mesh"]["fsdp"] == 2
+  assert got["mesh"]["fsdp_rules"] == [["backbone/.*/kernel", "fsdp"], ["head/.*", None]]
   assert got["dataset"] == "loveda" and got["crops"]["local_size"] == 32
   assert json.loads((workdir / "config.json").read_text()) == got
 

@@ -15,7 +15,7 @@ jax.Arrays (params, optimizer state, EMA teacher, centres, step, rng key);
 iterators whose `get_state()` returns bytes), so each host resumes its own
 input shard where it stopped.
 
-Atomicity comes from orbax: a step is written to `<step>.orbax-checkpoint-tmp-*`
+Atomicity comes from orbax: a step is written to `<step>.orbax-checkpoint-tmp*`
 and renamed once every process has finished, so a crash mid-write leaves the
 previous checkpoints intact; the unfinished directory is ignored and deleted
 when the next run opens the manager.
@@ -79,8 +79,9 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 
 TMP_MARK = ".orbax-checkpoint-tmp"   # orbax's suffix for a step still being written
 
+
 def _remove_unfinished(directory: epath.Path) -> None:
-  """Deletes what a save interrupted by a crash left (`<step>.orbax-checkpoint-tmp-*`).
+  """Deletes what a save interrupted by a crash left (`<step>.orbax-checkpoint-tmp*`).
 
   orbax would also do it, but in the background; doing it first makes a restart
   start from a clean directory.

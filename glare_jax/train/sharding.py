@@ -152,6 +152,7 @@ def param_shardings(params: Any, mesh: Mesh,
     compiled.append((re.compile(regex), axis or None))
 
   sharded = []
+
   def one(path, leaf):
     name = path_str(path)
     axis = next((a for r, a in compiled if r.fullmatch(name)), None)
@@ -173,7 +174,7 @@ def param_shardings(params: Any, mesh: Mesh,
   out = jax.tree_util.tree_map_with_path(one, params)
   for name, shape, spec in sharded:
     logging.info("sharding: %s %s -> %s", name, shape, tuple(spec))
-  if rules and not sharded:
+  if any(axis for _, axis in rules) and not sharded:
     logging.warning("sharding: config.mesh.fsdp_rules %s sharded no parameter", rules)
   return out
 
