@@ -46,6 +46,11 @@ def test_progress_bar_on_a_tty(tmp_path):
   assert text.count("\r") == 2 and text.endswith("\n")
   assert "[##########..........] step 4/8 (50%)" in text
   assert "[####################] step 8/8 (100%)" in text
+  out = Tty()
+  with make_logger(tmp_path, out, log_every_steps=4) as log:
+    for step in range(1, 5):
+      log.record(step, metrics(1.0))
+  assert out.getvalue().endswith("\n")        # a stopped run still ends its line
 
 
 def test_jsonl_resume_has_no_duplicate_steps(tmp_path):

@@ -80,6 +80,7 @@ class MetricLogger:
     self._step_start = self._step_last = int(start_step)
     self._jsonl = None
     self._tb = None
+    self._line_open = False
     if self.writes:
       self.workdir.mkdir(parents=True, exist_ok=True)
       self._jsonl = self._open_jsonl(self.workdir / "metrics.jsonl", int(start_step))
@@ -155,13 +156,17 @@ class MetricLogger:
     tail = f"{rate:.1f} img/s | ETA {_fmt_duration(eta)} | {terms}"
     if self._tty:
       bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
-      end = "\n" if step == self.total_steps else ""
+      self._line_open = step != self.total_steps
+      end = "" if self._line_open else "\n"
       self.stream.write(f"\r[{bar}] {head} | {tail}\x1b[K{end}")
     else:
       self.stream.write(f"{head} | {tail}\n")
     self.stream.flush()
 
   def close(self) -> None:
+    if self._line_open:        # end the progress line before anything else prints
+      self.stream.write("\n")
+      self._line_open = False
     if self._jsonl is not None:
       self._jsonl.close()
       self._jsonl = None
