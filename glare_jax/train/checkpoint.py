@@ -184,10 +184,11 @@ class Checkpointer:
 # --- the config a workdir was started with ----------------------------------------------
 
 # Fields that may change between a run and its resumption: they change how the
-# run executes, not what it computes.
+# run executes, not what it computes (`init_checkpoint` is only read by a fresh
+# start; a resumed run takes its state from its own checkpoints).
 RESUMABLE_CHANGES = ("data_dir", "num_workers", "prefetch", "log_every_steps",
                      "checkpoint_every_steps", "keep_checkpoints", "tensorboard", "mesh",
-                     "distributed")
+                     "distributed", "init_checkpoint")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
