@@ -234,7 +234,8 @@ def pretrain_config(dataset: str, arg: str | None = None) -> mlc.ConfigDict:
       fsdp_rules=(),              # (regex, axis) pairs for sharding parameters over 'fsdp'
   ))
   c.distributed = mlc.ConfigDict(dict(
-      coordinator_address="",     # '' = single process, or auto-detected (TPU / SLURM)
+      coordinator_address="",     # 'host:port'; 'auto' = JAX's cluster detection; '' = SLURM
+                                  # (several tasks) or TPU pod detected, else single process
       num_processes=1,
       process_id=0,
   ))

@@ -1,0 +1,68 @@
+r"""Entry point: `python -m glare_jax.main --config=configs/loveda.py --workdir=DIR`.
+
+A config file takes an argument after a colon and any field can be overridden:
+
+    python -m glare_jax.main --config=configs/loveda.py:tiny --workdir=/tmp/glare \
+        --config.batch_size=16 --config.optim.base_lr=3e-4
+
+Run it from the repository root (config files import `configs.common`). The
+program starts `jax.distributed` when the environment asks for it (see
+`glare_jax/train/distributed.py`), keeps the config in `DIR/config.json`
+(refusing to resume under an incompatible one) and runs `config.mode`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# config.mode -> module whose run(config, workdir) runs it (imported on demand).
+MODES = {
+    "pretrain": "glare_jax.train.pretrain",
+    "finetune": "glare_jax.train.finetune",
+}
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with an argument: configs/loveda.py:tiny",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False,
+    "Resume even if the config differs from the workdir's config.json in fields "
+    "that change the experiment.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def run_mode(config, workdir: str):
+  """Imports the module of `config.mode` and calls its run(config, workdir)."""
+  mode = config.get("mode")
+  if mode not in MODES:
+    raise ValueError(f"config.mode={mode!r} is not a known mode; known: {sorted(MODES)}")
+  name = MODES[mode]
+  try:
+    module = importlib.import_module(name)
+  except ModuleNotFoundError as e:
+    if e.name and name.startswith(e.name):
+      raise ModuleNotFoundError(
+          f"config.mode={mode!r} needs the module {name}, which this installation "
+          f"does not have ({e})") from e
+    raise
+  return module.run(config, workdir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Heavy imports after flag parsing: `--help` stays fast.
+  from glare_jax.train import checkpoint, distributed  # pylint: disable=g-import-not-at-top
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  distributed.initialize(config.distributed)
+  checkpoint.check_config(config, workdir, allow_changes=_ALLOW_CONFIG_CHANGE.value)
+  logging.info("config:\n%s", config)
+  run_mode(config, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)
