@@ -38,17 +38,20 @@ def confusion_matrix(pred: Array, label: Array, num_classes: int,
                      ignore_index: int = IGNORE_INDEX) -> Array:
   """Jittable: [C, C] int32 counts of (label, pred) pairs over the valid pixels.
 
-  pred and label: integer arrays of one shape (e.g. [B, H, W]); pred in [0, C).
-  Under jit with a sharded batch the sum runs over the global batch.
+  pred and label: integer arrays of one shape, [B, H, W] (or [H, W]); pred in
+  [0, C). Each sample is counted on its own and the counts summed over B, so
+  a batch sharded along B (Auto or Explicit mesh axes) needs no gather; under
+  jit the sum runs over the global batch.
   """
   if pred.shape != label.shape:
     raise ValueError(f"confusion_matrix: pred {pred.shape} and label {label.shape} differ")
-  label = label.astype(jnp.int32)
+  b = label.shape[0] if label.ndim >= 3 else 1
+  label = label.astype(jnp.int32).reshape(b, -1)
   valid = (label != ignore_index) & (label >= 0) & (label < num_classes)
-  index = jnp.where(valid, label * num_classes + pred.astype(jnp.int32), 0)
-  counts = jnp.bincount(index.reshape(-1), weights=valid.reshape(-1).astype(jnp.int32),
-                        length=num_classes * num_classes)
-  return counts.astype(jnp.int32).reshape(num_classes, num_classes)
+  index = jnp.where(valid, label * num_classes + pred.astype(jnp.int32).reshape(b, -1), 0)
+  count = lambda i, w: jnp.bincount(i, w, length=num_classes * num_classes)
+  counts = jax.vmap(count)(index, valid.astype(jnp.int32))   # [B, C*C]
+  return counts.sum(0).astype(jnp.int32).reshape(num_classes, num_classes)
 
 
 def update_confusion(cm: Array, pred: Array, label: Array,

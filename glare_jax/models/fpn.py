@@ -43,13 +43,35 @@ kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 classifier_init = nn.initializers.normal(0.01)
 
 
+def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in] weights of torch's 1-D linear resize (half-pixel centres, edges clamped)."""
+  # Source positions in float32 with torch's rounding: scale * (dst + 0.5) - 0.5.
+  scale = np.float32(n_in) / np.float32(n_out)
+  src = np.maximum(scale * (np.arange(n_out, dtype=np.float32) + np.float32(0.5))
+                   - np.float32(0.5), np.float32(0.0))
+  i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+  i1 = np.minimum(i0 + 1, n_in - 1)
+  frac = src - i0
+  m = np.zeros((n_out, n_in), np.float32)
+  np.add.at(m, (np.arange(n_out), i0), 1.0 - frac)
+  np.add.at(m, (np.arange(n_out), i1), frac)
+  return m
+
+
 def resize_bilinear(x: Array, size: tuple[int, int]) -> Array:
-  """[B, h, w, C] -> [B, H, W, C] like torch bilinear, align_corners=False."""
-  size = tuple(int(s) for s in size)
-  if x.shape[1:3] == size:
-    return x
-  return jax.image.resize(x, (x.shape[0], *size, x.shape[3]), method="bilinear",
-                          antialias=False)
+  """[B, h, w, C] -> [B, H, W, C] like torch bilinear, align_corners=False, no antialiasing.
+
+  Two contractions with constant interpolation matrices (what jax.image.resize
+  does too, with a larger graph); exact in float32 (precision 'highest').
+  """
+  (h, w), (hh, ww) = x.shape[1:3], (int(size[0]), int(size[1]))
+  if h != hh:
+    x = jnp.einsum("Hh,bhwc->bHwc", _bilinear_matrix(h, hh).astype(x.dtype), x,
+                   precision="highest")
+  if w != ww:
+    x = jnp.einsum("Ww,bhwc->bhWc", _bilinear_matrix(w, ww).astype(x.dtype), x,
+                   precision="highest")
+  return x
 
 
 def resize_nearest(x: Array, size: tuple[int, int]) -> Array:
