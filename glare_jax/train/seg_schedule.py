@@ -27,8 +27,9 @@ def poly_warmup_schedule(base_lr: float, total_steps: int, *, power: float = 1.0
     regular = (base_lr - min_lr) * (1.0 - t / total_steps) ** power + min_lr
     if warmup_steps == 0:
       return regular
-    k = (1.0 - t / warmup_steps) * (1.0 - warmup_ratio)
-    return jnp.where(t < warmup_steps, regular * (1.0 - k), regular)
+    # 1 - (1 - t / w) * (1 - r), written without float32 cancellation at t = 0.
+    factor = warmup_ratio + (1.0 - warmup_ratio) * t / warmup_steps
+    return jnp.where(t < warmup_steps, regular * factor, regular)
 
   return schedule
 
