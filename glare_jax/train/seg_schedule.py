@@ -24,7 +24,7 @@ def poly_warmup_schedule(base_lr: float, total_steps: int, *, power: float = 1.0
 
   def schedule(step):
     t = jnp.minimum(jnp.asarray(step, jnp.float32), total_steps)
-    regular = (base_lr - min_lr) * (1.0 - t / total_steps) ** power + min_lr
+    regular = (base_lr - min_lr) * ((total_steps - t) / total_steps) ** power + min_lr
     if warmup_steps == 0:
       return regular
     # 1 - (1 - t / w) * (1 - r), written without float32 cancellation at t = 0.
