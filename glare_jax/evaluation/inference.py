@@ -191,3 +191,21 @@ def predictor_from_config(config, apply_fn: ApplyFn, variables: Any,
   return Predictor(apply_fn, variables, test_transform_from_config(config, info),
                    mode=e.mode, crop_size=e.crop_size, stride=e.stride,
                    window_batch=e.window_batch)
+
+
+def evaluate_and_write(predictor: Predictor, records: Iterable[Mapping[str, Any]],
+                       info: DatasetInfo, workdir: str | pathlib.Path, *,
+                       save_predictions: bool = False, max_images: int = 0,
+                       **extra: Any) -> dict[str, Any]:
+  """Score `records`, print the per-class table, write `workdir/eval.json`.
+
+  `extra` (step, seed, ...) is recorded in eval.json; predictions go to
+  `workdir/predictions/<name>.png` when asked. Returns the metrics.
+  """
+  workdir = pathlib.Path(workdir)
+  save_dir = workdir / "predictions" if save_predictions else None
+  m = evaluate(predictor, records, info, save_dir=save_dir, max_images=max_images).metrics()
+  print(metrics_lib.format_table(m, info.class_names), flush=True)
+  metrics_lib.write_eval_json(workdir / "eval.json", m, info.class_names,
+                              dataset=info.name, mode=predictor.mode, **extra)
+  return m
