@@ -35,8 +35,8 @@ def test_resize_matches_torch(hw, size):
 
 
 def _torch_conv(x, p, padding=0):
-  w = torch.from_numpy(np.asarray(p["kernel"])).permute(3, 2, 0, 1)  # HWIO -> OIHW
-  b = torch.from_numpy(np.asarray(p["bias"])) if "bias" in p else None
+  w = torch.from_numpy(np.array(p["kernel"])).permute(3, 2, 0, 1)  # HWIO -> OIHW
+  b = torch.from_numpy(np.array(p["bias"])) if "bias" in p else None
   return F.conv2d(x, w, b, padding=padding)
 
 
@@ -51,7 +51,7 @@ def torch_fpn(feats, neck, head, stats, strides):
     for k in range(max(1, int(np.log2(strides[i]) - np.log2(strides[0])))):
       p, s = head[f"scale_{i}"], stats[f"scale_{i}"][f"bn_{k}"]
       x = _torch_conv(x, p[f"conv_{k}"], padding=1)
-      t = lambda a: torch.from_numpy(np.asarray(a))
+      t = lambda a: torch.from_numpy(np.array(a))
       x = F.batch_norm(x, t(s["mean"]), t(s["var"]), t(p[f"bn_{k}"]["scale"]),
                        t(p[f"bn_{k}"]["bias"]), training=False, eps=1e-5)
       x = F.relu(x)
