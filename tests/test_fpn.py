@@ -119,7 +119,8 @@ def test_multiscale_variant_shapes_and_padding():
 def test_batch_norm_uses_global_batch_statistics_when_sharded():
   """Under jit over a batch sharded on 8 devices the statistics are SyncBN's."""
   head = fpn.ScaleHead(4, num_convs=1, upsample=False)
-  x = np.random.default_rng(2).normal(size=(8, 3, 3, 2)).astype(np.float32) * np.arange(1, 9)[:, None, None, None]
+  x = np.random.default_rng(2).normal(size=(8, 3, 3, 2)).astype(np.float32)
+  x *= np.arange(1, 9, dtype=np.float32)[:, None, None, None]   # every shard differs
   v = head.init(KEY, jnp.asarray(x))
   mesh = jax.make_mesh((8,), ("data",))
   xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))

@@ -84,7 +84,8 @@ def test_brightness_then_contrast_follow_mmseg_convert():
     draws = np.random.default_rng(seed)
     expected = img.astype(np.float32)
     if draws.integers(2):
-      expected = np.clip(expected + draws.uniform(-32, 32), 0, 255).astype(np.uint8).astype(np.float32)
+      expected = np.clip(expected + draws.uniform(-32, 32), 0, 255).astype(np.uint8)
+      expected = expected.astype(np.float32)
     mode = draws.integers(2)
     contrast = lambda x: np.clip(x * 1.2, 0, 255).astype(np.uint8).astype(np.float32)
     if mode == 1 and draws.integers(2):
@@ -165,7 +166,8 @@ def test_train_transform_is_deterministic_and_flips():
                                  flip_p=0.0, photometric=None)
   flip = st.SegTrainTransform(scale=(100, 100), reduce_zero_label=False, crop_size=48,
                               flip_p=1.0, photometric=None)
-  f0, f1 = no_flip(image, label, np.random.default_rng(2)), flip(image, label, np.random.default_rng(2))
+  f0 = no_flip(image, label, np.random.default_rng(2))
+  f1 = flip(image, label, np.random.default_rng(2))
   np.testing.assert_array_equal(f1[1], f0[1][:, ::-1])
   np.testing.assert_allclose(f1[0], f0[0][:, ::-1])
   with pytest.raises(ValueError, match="label must be"):

@@ -84,7 +84,8 @@ def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
 
 
 def resize_nearest(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  return label[nearest_indices(label.shape[0], size[0])][:, nearest_indices(label.shape[1], size[1])]
+  rows = nearest_indices(label.shape[0], size[0])
+  return label[rows][:, nearest_indices(label.shape[1], size[1])]
 
 
 # --- photometric distortion ------------------------------------------------------
@@ -153,7 +154,7 @@ class PhotoMetricDistortion:
       img = hsv_to_rgb(hsv)
     if rng.integers(2):
       hsv = rgb_to_hsv(img)
-      shift = rng.integers(-self.hue_delta, self.hue_delta)  # high exclusive, like np.random.randint
+      shift = rng.integers(-self.hue_delta, self.hue_delta)  # high excluded, as in mmseg
       hsv[..., 0] = (hsv[..., 0].astype(np.int64) + shift) % 180
       img = hsv_to_rgb(hsv)
     if mode == 0:

@@ -140,7 +140,7 @@ class ScaleHead(nn.Module):
     for k in range(self.num_convs):
       x = nn.Conv(self.channels, (3, 3), padding=1, use_bias=False,
                   kernel_init=kaiming_fan_out, dtype=self.dtype, name=f"conv_{k}")(x)
-      # Named 'bn' like mmcv's ConvModule: the no-decay rule '.*norm.*' leaves it decayed, as mmseg does.
+      # Named 'bn' as in mmcv's ConvModule: mmseg's no-decay key 'norm' misses it.
       x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                        epsilon=self.bn_eps, use_fast_variance=False, name=f"bn_{k}")(x)
       x = nn.relu(x)

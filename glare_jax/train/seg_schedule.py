@@ -1,8 +1,8 @@
 """The fine-tuning learning-rate schedule: mmcv's 'poly' policy with linear warm-up.
 
     regular(t) = (base_lr - min_lr) * (1 - t / total_steps) ** power + min_lr
-    lr(t)      = regular(t) * (1 - (1 - t / warmup_steps) * (1 - warmup_ratio))  for t < warmup_steps
-               = regular(t)                                                    otherwise
+    lr(t)      = regular(t) * (1 - (1 - t / warmup_steps) * (1 - warmup_ratio))  if t < warmup
+               = regular(t)                                                 otherwise
 
 mmcv's linear warm-up scales the already-decayed lr (not the peak), starting at
 warmup_ratio times it; `t` is the number of updates done before this one.
