@@ -97,6 +97,34 @@ def reg_loss(s_out: Array, t_out: Array, mask: Array, centre: Array, t_temp,
   return common.masked_mean(common.cross_entropy(t_out, s_out, centre, t_temp, s_temp), mask)
 
 
+def region_features(student_ca, teacher_ca, xs: Array, xt: Array, regions: reg.Regions,
+                    mapped: reg.MappedRegions) -> tuple[Array, Array]:
+  """Cross-attention features of regions (eqs. 5 and 6).
+
+  Args:
+    student_ca, teacher_ca: `(q [B', Q, D], kv [B', N, D], kv_mask [B', Q, N] | None)
+      -> [B', Q, D]` (the CrossAttention module with student / teacher parameters).
+    xs: [B, G, N, D] student patch tokens of each view X.
+    xt: [B, G, N, D] teacher patch tokens of the paired view X'.
+    regions: regions of X, index/valid [B, G, M, S].
+    mapped: the regions carried into X'.
+  Returns:
+    z_s: CA(q = tokens of R's patches, kv = all tokens of X)                  [B, G, M, S, D]
+    z_t: CA(q = X' tokens interpolated at R's centres, kv = X' tokens of R')  [B, G, M, S, D]
+  """
+  b, g, n, d = xs.shape
+  m, s = regions.index.shape[-2:]
+  q_s = common.gather_tokens(xs, regions.index.reshape(b, g, m * s))  # [B, G, M*S, D]
+  z_s = student_ca(q_s.reshape(b * g, m * s, d), xs.reshape(b * g, n, d))
+  interp = corr.interpolation_matrix(mapped.index, mapped.weight, n)  # [B, G, M, S, N]
+  q_t = jnp.einsum("bgmsn,bgnd->bgmsd", interp, xt)
+  ctx = jnp.broadcast_to(mapped.context[:, :, :, None, :], (b, g, m, s, n))
+  z_t = teacher_ca(q_t.reshape(b * g, m * s, d), xt.reshape(b * g, n, d),
+                   ctx.reshape(b * g, m * s, n))
+  shape = (b, g, m, s, d)
+  return z_s.reshape(shape), z_t.reshape(shape)
+
+
 # ---------------------------------------------------------------- the objective
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -192,33 +220,18 @@ class GlareObjective(common.ObjectiveBase):
     cfg = self.glare.regions
     b, g = boxes.shape[:2]
     hw = t.grid
-    n = hw[0] * hw[1]
     cls_attn = cls_patch_attention(t.attn.reshape(b * g, *t.attn.shape[2:]), t.num_prefix)
-    cls_attn = cls_attn.reshape(b, g, -1, n)  # [B, G, heads, N]
+    cls_attn = cls_attn.reshape(b, g, -1, hw[0] * hw[1])  # [B, G, heads, N]
     regions = reg.draw_regions(key, cfg, hw, (b, g), cls_attn)
-    m, s = regions.index.shape[-2:]
     mapped = reg.map_regions(regions, boxes, flips, hw, other(boxes), other(flips), hw,
                              cfg.min_valid_fraction)
     ca = self.models.cross_attention
-    d = s_g.last.shape[-1]
-
-    # Student: queries = R's patch tokens, keys/values = all patch tokens of X.
-    xs = s_g.last_patches()  # [B, G, N, D]
-    q_s = common.gather_tokens(xs, regions.index.reshape(b, g, m * s))  # [B, G, M*S, D]
-    z_s = ca.apply({"params": sp["cross_attention"]}, q_s.reshape(b * g, m * s, d),
-                   xs.reshape(b * g, n, d))
-
-    # Teacher: queries = X' tokens interpolated at R's patch centres, keys/values = R'.
-    xt = other(t.last_patches())  # [B, G, N, D]: X' of each student view
-    interp = corr.interpolation_matrix(mapped.index, mapped.weight, n)  # [B, G, M, S, N]
-    q_t = jnp.einsum("bgmsn,bgnd->bgmsd", interp, xt)
-    ctx = jnp.broadcast_to(mapped.context[:, :, :, None, :], (b, g, m, s, n))
-    z_t = ca.apply({"params": tp["cross_attention"]}, q_t.reshape(b * g, m * s, d),
-                   xt.reshape(b * g, n, d), kv_mask=ctx.reshape(b * g, m * s, n))
-    z_t = jax.lax.stop_gradient(z_t)
+    z_s, z_t = region_features(
+        lambda q, kv, mask=None: ca.apply({"params": sp["cross_attention"]}, q, kv, mask),
+        lambda q, kv, mask=None: ca.apply({"params": tp["cross_attention"]}, q, kv, mask),
+        s_g.last_patches(), other(t.last_patches()), regions, mapped)
     mask = mapped.inside & mapped.keep[..., None]  # [B, G, M, S]
-    shape = (b, g, m, s, d)
-    return z_s.reshape(shape), z_t.reshape(shape), mask, mapped.keep
+    return z_s, jax.lax.stop_gradient(z_t), mask, mapped.keep
 
   def _loc2(self, s_gp, s_lp, t_p, boxes, flips, g_grid, l_grid, centre, t_temp):
     """L_loc2 over student globals (-> the other global) and locals (-> both globals)."""
