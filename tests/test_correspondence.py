@@ -1,9 +1,18 @@
 """Geometry of match_patches against analytic cases and rendered crops."""
 
+import functools
+
+import jax
 import numpy as np
 import pytest
 
 from glare_jax.data import correspondence as corr
+
+
+@functools.partial(jax.jit, static_argnums=(2, 5),
+                   compiler_options={"xla_backend_optimization_level": 0})
+def match(src_box, src_flip, src_grid, dst_box, dst_flip, dst_grid):
+  return corr.match_patches(src_box, src_flip, src_grid, dst_box, dst_flip, dst_grid)
 
 
 def render(image, box, flip, size):
@@ -45,7 +54,7 @@ def coordinate_image(h, w):
 
 def test_identity():
   box = np.array([10.0, 20.0, 130.0, 140.0])
-  c = corr.match_patches(box, False, 6, box, False, 6)
+  c = match(box, False, 6, box, False, 6)
   np.testing.assert_allclose(c.pos, corr.patch_centres(6), atol=1e-5)
   assert c.valid.all()
   # Each patch interpolates only itself.
@@ -59,7 +68,7 @@ def test_crop_of_a_crop():
   # 2x2 patches of a 4x4 grid land on destination centres scaled by 2.
   src = np.array([0.0, 0.0, 64.0, 64.0])
   dst = np.array([0.0, 0.0, 32.0, 32.0])
-  c = corr.match_patches(src, False, 4, dst, False, 4)
+  c = match(src, False, 4, dst, False, 4)
   pos = np.asarray(c.pos).reshape(4, 4, 2)
   np.testing.assert_allclose(pos[0, 0], [1.0, 1.0])
   np.testing.assert_allclose(pos[1, 1], [3.0, 3.0])
@@ -74,7 +83,7 @@ def test_crop_of_a_crop():
 @pytest.mark.parametrize("src_flip,dst_flip", [(True, False), (False, True), (True, True)])
 def test_flips(src_flip, dst_flip):
   box = np.array([5.0, 5.0, 85.0, 85.0])
-  c = corr.match_patches(box, src_flip, 5, box, dst_flip, 5)
+  c = match(box, src_flip, 5, box, dst_flip, 5)
   centres = np.asarray(corr.patch_centres(5))
   expect = centres.copy()
   if src_flip != dst_flip:
@@ -84,7 +93,7 @@ def test_flips(src_flip, dst_flip):
 
 
 def test_disjoint_boxes_are_invalid():
-  c = corr.match_patches(np.array([0.0, 0, 50, 50]), False, 4,
+  c = match(np.array([0.0, 0, 50, 50]), False, 4,
                          np.array([60.0, 0, 110, 50]), True, 4)
   assert not np.asarray(c.valid).any()
   assert np.asarray(c.weight).sum() == 0
@@ -94,7 +103,7 @@ def test_local_inside_global_batched():
   # [B=2] boxes: a local crop strictly inside the global one.
   glob = np.array([[0.0, 0, 224, 224], [100.0, 50, 324, 274]])
   loc = np.array([[32.0, 48, 128, 144], [132.0, 98, 228, 194]])
-  c = corr.match_patches(loc, np.array([False, True]), 6, glob, np.array([False, False]), 14)
+  c = match(loc, np.array([False, True]), 6, glob, np.array([False, False]), 14)
   assert c.pos.shape == (2, 36, 2) and c.index.shape == (2, 36, 4)
   assert np.asarray(c.valid).all()
   # Local patch (i, j) centre in source pixels = box origin + (i + .5) * 16; global
@@ -114,7 +123,7 @@ def test_matched_patches_hold_the_same_pixels(src_flip, dst_flip):
   src_box, dst_box = (16.0, 32.0, 112.0, 128.0), (48.0, 0.0, 144.0, 96.0)
   src = render(image, src_box, src_flip, 96)
   dst = render(image, dst_box, dst_flip, 96)
-  c = corr.match_patches(np.array(src_box), src_flip, 6, np.array(dst_box), dst_flip, 6)
+  c = match(np.array(src_box), src_flip, 6, np.array(dst_box), dst_flip, 6)
   src_cells = src.reshape(6, 16, 6, 16, 3).transpose(0, 2, 1, 3, 4).reshape(36, 16, 16, 3)
   dst_cells = dst.reshape(6, 16, 6, 16, 3).transpose(0, 2, 1, 3, 4).reshape(36, 16, 16, 3)
   valid, index, weight = map(np.asarray, (c.valid, c.index, c.weight))
@@ -134,7 +143,7 @@ def test_rendered_coordinates_interpolate_exactly():
   src = render(image, src_box, True, 96)   # 6x6 patches
   dst = render(image, dst_box, False, 224)  # 14x14 patches
   m_src, m_dst = patch_means(src, 16), patch_means(dst, 16)
-  c = corr.match_patches(np.array(src_box), True, 6, np.array(dst_box), False, 14)
+  c = match(np.array(src_box), True, 6, np.array(dst_box), False, 14)
   pos, index, weight = map(np.asarray, (c.pos, c.index, c.weight))
   assert np.asarray(c.valid).all()
   interior = ((pos >= 0.5) & (pos <= 13.5)).all(-1)

@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common as cfgs
 from glare_jax.data import correspondence as corr
 from glare_jax.data import regions as reg
 from glare_jax.models.heads import CrossAttention
 from glare_jax.objectives import common, flsl, glare
 
 RNG = np.random.default_rng(0)
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 T_T, T_S = 0.05, 0.1
 
 
@@ -130,7 +130,8 @@ def test_loc2_bilinear_targets_and_masking():
   s_l, c = RNG.normal(size=(b, nl, 4, k)), RNG.normal(size=k)
   obj = glare.GlareObjective(models=None, student_temp=T_S, teacher_temp=T_T, warmup_teacher_temp=T_T,
                              warmup_teacher_temp_epochs=0, center_momentum=0.9, steps_per_epoch=1)
-  loss, matched = jax.jit(lambda *a: obj._loc2(*a, (4, 4), (2, 2), c, T_T))(
+  loss, matched = jax.jit(lambda *a: obj._loc2(*a, (4, 4), (2, 2), c, T_T),
+                          compiler_options=FAST_COMPILE)(
       s_g, s_l, t_p, jnp.asarray(boxes), jnp.asarray(flips))
   g = lambda x: x[:, :2]
   cg = jax.tree.map(np.asarray, corr.match_patches(g(boxes), g(flips), 4, boxes[:, 1::-1], flips[:, 1::-1], 4))
@@ -175,7 +176,7 @@ def test_region_features_given_fixed_regions():
   boxes = jnp.array([[[0.0, 0, 64, 64], [32, 0, 96, 64]], [[0.0, 0, 64, 64], [0, 0, 32, 32]]])
   flips = jnp.array([[False, True], [False, False]])
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
   def features(regions, xs, xt):
     mapped = reg.map_regions(regions, boxes, flips, h, boxes[:, ::-1], flips[:, ::-1], h, 0.5)
     z_s, z_t = glare.region_features(

@@ -11,12 +11,15 @@ from configs import common
 from glare_jax.data import regions as reg
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4), compiler_options=FAST_COMPILE)
 def sample(key, starts, grid, min_p, max_p):
   return reg.sample_regions(key, starts, grid, min_p, max_p)
 
 
-@functools.partial(jax.jit, static_argnames=("grid", "frac"))
+@functools.partial(jax.jit, static_argnames=("grid", "frac"), compiler_options=FAST_COMPILE)
 def map_regions(r, src, src_flip, dst, dst_flip, grid=14, frac=0.5):
   return reg.map_regions(r, src, src_flip, grid, dst, dst_flip, grid, frac)
 
@@ -62,7 +65,8 @@ def test_attention_aware_starts_are_the_argmax():
   attn = rng.random((3, 2, 6, 196)).astype(np.float32)
   peaks = rng.integers(0, 196, (3, 2, 6))
   np.put_along_axis(attn, peaks[..., None], 5.0, -1)
-  r = jax.jit(lambda k, a: reg.draw_regions(k, cfg, 14, (3, 2), a))(jax.random.key(3), jnp.asarray(attn))
+  r = jax.jit(lambda k, a: reg.draw_regions(k, cfg, 14, (3, 2), a),
+              compiler_options=FAST_COMPILE)(jax.random.key(3), jnp.asarray(attn))
   np.testing.assert_array_equal(r.start, peaks)
   assert r.index.shape == (3, 2, 6, 36)
   for b in range(3):

@@ -51,6 +51,9 @@ def build_objective(config: mlc.ConfigDict, models: Models, steps_per_epoch: int
   if name == "glare":
     pa = config.glare.patch_aug
     patch_aug.check_config(pa)
+    weights = [config.glare[k] for k in ("w_glob", "w_reg", "w_loc1", "w_loc2")]
+    if min(weights) < 0 or max(weights) <= 0:
+      raise ValueError(f"config.glare.w_glob/w_reg/w_loc1/w_loc2 = {weights}: need >= 0, one > 0")
     if (pa.kind == "mask") != bool(config.model.use_mask_token):
       raise ValueError(
           f"config.glare.patch_aug.kind={pa.kind!r} needs config.model.use_mask_token="

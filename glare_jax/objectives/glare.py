@@ -161,12 +161,8 @@ class GlareObjective(common.ObjectiveBase):
       s_in, cells, patch_mask = g_img, None, None
     s_g = self.student(student_params, s_in, k_drop_g, patch_mask)
     s_l = self.student(student_params, l_img, k_drop_l)
-    p = t.num_prefix
-    if p < 1:
+    if t.num_prefix < 1:
       raise ValueError("GLARE needs a [CLS] token (model.num_prefix >= 1)")
-    hg, wg = t.grid
-    n = hg * wg
-    l_grid = s_l.grid
 
     # --- region branch (cross-attention outputs, before the head).
     s_parts = [s_g.tokens[:, :, 0], s_l.tokens[:, :, 0]]  # [CLS] of every view
@@ -202,7 +198,7 @@ class GlareObjective(common.ObjectiveBase):
         metrics["loc1/distorted"] = jnp.mean(cells)
       if w.w_loc2 > 0:
         terms["loc2"], metrics["loc2/matched"] = self._loc2(
-            s_gp, s_lp, t_p, boxes, flips, (hg, wg), l_grid, c, t_temp)
+            s_gp, s_lp, t_p, boxes, flips, t.grid, s_l.grid, c, t_temp)
       new["local"] = common.update_centre(c, common.masked_vector_mean(t_p), self.center_momentum)
     if w.w_reg > 0:
       z_s_out, z_t_out = s_out[-1], t_out[-1]  # [B, G, M, S, K]
