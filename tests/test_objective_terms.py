@@ -75,6 +75,9 @@ def test_ema_schedule_and_update():
   out = common.ema_update(t, s, 0.9)
   np.testing.assert_allclose(out["a"], 0.9)
   np.testing.assert_allclose(out["b"]["c"], 0.1)
+  # Shared (frozen) leaves stay bit-identical whatever the momentum.
+  x = RNG.normal(size=1000).astype(np.float32)
+  np.testing.assert_array_equal(common.ema_update(x, x, np.float32(0.9961)), x)
 
 
 def test_glob_loss_pairs():

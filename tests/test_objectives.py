@@ -116,11 +116,12 @@ def test_objective_trains(name, tiny_params):
   *_, loss_after, _ = step_fn(sp, params, opt_state, centres0, rng, 0)
   assert float(loss_after) < losses[0] - 1e-3, (losses, float(loss_after))
 
-  moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), params, sp)
-  for (path, m), (_, rule) in zip(jax.tree_util.tree_leaves_with_path(moved),
-                                  jax.tree_util.tree_leaves_with_path(lab)):
+  differs = lambda x, y: jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), x, y)
+  moved, t_moved = differs(params, sp), differs(params, tp)
+  for (path, m), tm, rule in zip(jax.tree_util.tree_leaves_with_path(moved),
+                                 jax.tree.leaves(t_moved), jax.tree.leaves(lab)):
     if rule == "freeze":
-      assert not m, jax.tree_util.keystr(path)
+      assert not m and not tm, jax.tree_util.keystr(path)
   assert moved["backbone"]["block_1"]["adapter"]["up"]["kernel"]
   assert moved["head"]["weight_v"]
   if name in ("glare", "udi"):

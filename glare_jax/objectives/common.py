@@ -90,8 +90,12 @@ def ema_momentum(step: Array | int, total_steps: int, base: float = 0.996,
 
 
 def ema_update(teacher: Any, student: Any, momentum: Array | float) -> Any:
-  """teacher <- m teacher + (1 - m) student, leaf by leaf (same tree structure)."""
-  return jax.tree.map(lambda t, s: t * momentum + (1.0 - momentum) * s, teacher, student)
+  """teacher <- m teacher + (1 - m) student, leaf by leaf (same tree structure).
+
+  Written as t + (1 - m)(s - t) so that leaves the student shares with the teacher
+  (frozen parameters) stay bit-identical.
+  """
+  return jax.tree.map(lambda t, s: t + (1.0 - momentum) * (s - t), teacher, student)
 
 
 # ---------------------------------------------------------------- sampling
