@@ -20,6 +20,7 @@ PARAM_PRESETS = {
     "adapters": (
         ("head/weight_g", "freeze"),  # DINO's norm_last_layer: g stays 1
         (r"backbone/block_\d+/adapter/.*", "train"),
+        ("backbone/mask_token", "train"),  # only present with patch_aug.kind = 'mask'
         ("head/.*", "train"),
         ("cross_attention/.*", "train"),
         (".*", "freeze"),
@@ -31,6 +32,7 @@ PARAM_PRESETS = {
     ),
     "head": (
         ("head/weight_g", "freeze"),
+        ("backbone/mask_token", "train"),
         ("head/.*", "train"),
         ("cross_attention/.*", "train"),
         (".*", "freeze"),
@@ -40,6 +42,32 @@ PARAM_PRESETS = {
 # No weight decay on biases, norms, 1-D parameters and tokens (DINO's rule).
 NO_DECAY = (r".*/bias", r".*norm.*/scale", r".*/cls_token", r".*/pos_embed",
             r".*/mask_token", r".*/weight_g")
+
+
+# The paper's GLARE ablations as named presets, selected by config arguments
+# (`configs/loveda.py:levels=glob_reg`, `:patch_aug=mask_block`, `:regions=random3`).
+# Table 5: (w_glob, w_reg, w_loc1, w_loc2); "Local" is L_loc1 + L_loc2.
+LEVELS = {
+    "glob": (1.0, 0.0, 0.0, 0.0),
+    "glob_loc": (1.0, 0.0, 1.0, 1.0),
+    "glob_reg": (1.0, 1.0, 0.0, 0.0),
+    "reg_loc": (0.0, 1.0, 1.0, 1.0),
+    "all": (1.0, 1.0, 1.0, 1.0),
+}
+# Table 6: (kind, placement) of the patch augmentation; 'none' drops L_loc1.
+PATCH_AUGS = {
+    "mask_block": ("mask", "block"),
+    "mask_random": ("mask", "random"),
+    "blur_random": ("blur", "random"),
+    "blur_block": ("blur", "block"),
+    "none": ("none", "random"),
+}
+# Table 8: (sampling, M). Attention-aware sampling draws one region per head.
+REGION_SAMPLINGS = {
+    "random3": ("random", 3),
+    "random6": ("random", 6),
+    "attention6": ("attention", 6),
+}
 
 
 def parse_arg(arg: str | None, **defaults):
@@ -139,8 +167,9 @@ def glare_config() -> mlc.ConfigDict:
           zero_prob=0.5,            # r = 0 with this probability
           ratio=(0.1, 0.5),         # else r ~ U[0.1, 0.5] (iBOT's 0.3 +- 0.2)
           blur_sigma=5.0,           # pixels, inside each chosen 16x16 cell
+          blur_scope="cell",        # 'cell': Gaussian restricted to the cell; 'image': blur once, copy cells
           block_aspect=(0.3, 1 / 0.3),
-          block_min_patches=4,
+          block_min_patches=16,     # iBOT: (min(h, w) // 3) ** 2 = 16 on the 14x14 global grid
       ),
   ))
 
@@ -161,7 +190,8 @@ def udi_config() -> mlc.ConfigDict:
       mix_weight=0.5,               # [CLS+] target: 0.5 * patch logits + 0.5 * [CLS] logits
       global_window=3,              # one sampled token per 3x3 window on global views
       local_window=2,               # 2x2 on local views
-      num_heads=6,
+      random_sampling=True,         # UDI: a random token per window (False: the window's first)
+      num_heads=6,                  # must equal cross_attention.num_heads (one module)
   ))
 
 
@@ -171,6 +201,17 @@ def flsl_config() -> mlc.ConfigDict:
       w_ce=1.0,
       w_vol=5.0,                    # volume maximisation
       drop_prefix=True,             # FLSL runs without prefix tokens
+      # FLSL's main_flsl.py defaults: a constant teacher temperature, no centring.
+      teacher_temp=0.04,
+      warmup_teacher_temp=0.04,
+      warmup_teacher_temp_epochs=0,
+      # Mean-shift attention scales, divided by sqrt(width): 0.1 / sqrt(384) and
+      # 0.2 / sqrt(384) for ViT-S as in FLSL.
+      meanshift_sa_scale=0.1,
+      meanshift_ca_scale=0.2,
+      global_window=3,              # sampled tokens: one per 3x3 window on the student global view
+      local_window=2,               # 2x2 on local views
+      random_sampling=False,        # FLSL's default: the first token of each window
   ))
 
 
@@ -196,7 +237,8 @@ def optim_config() -> mlc.ConfigDict:
 
 def pretrain_config(dataset: str, arg: str | None = None) -> mlc.ConfigDict:
   """The full pre-training config with the paper's defaults for `dataset`."""
-  a = parse_arg(arg, tiny=False, objective="glare")
+  a = parse_arg(arg, tiny=False, objective="glare", levels="all",
+                patch_aug="blur_random", regions="attention6")
   c = mlc.ConfigDict()
   c.mode = "pretrain"
   c.seed = 0
@@ -240,9 +282,25 @@ def pretrain_config(dataset: str, arg: str | None = None) -> mlc.ConfigDict:
       process_id=0,
   ))
 
+  apply_ablations(c, levels=a.levels, patch_aug=a.patch_aug, regions=a.regions)
   if a.tiny:
     apply_tiny(c)
   return c
+
+
+def apply_ablations(c: mlc.ConfigDict, *, levels: str = "all",
+                    patch_aug: str = "blur_random", regions: str = "attention6") -> None:
+  """Set the GLARE fields of one row of Tables 5, 6 and 8 (see LEVELS, PATCH_AUGS,
+  REGION_SAMPLINGS); the defaults are the paper's main setting."""
+  for name, value, table in (("levels", levels, LEVELS), ("patch_aug", patch_aug, PATCH_AUGS),
+                             ("regions", regions, REGION_SAMPLINGS)):
+    if value not in table:
+      raise ValueError(f"unknown {name}={value!r}; known: {sorted(table)}")
+  g = c.glare
+  g.w_glob, g.w_reg, g.w_loc1, g.w_loc2 = LEVELS[levels]
+  g.patch_aug.kind, g.patch_aug.placement = PATCH_AUGS[patch_aug]
+  c.model.use_mask_token = g.patch_aug.kind == "mask"
+  g.regions.sampling, g.regions.num_regions = REGION_SAMPLINGS[regions]
 
 
 def apply_tiny(c: mlc.ConfigDict) -> None:
@@ -251,7 +309,8 @@ def apply_tiny(c: mlc.ConfigDict) -> None:
   c.model.drop_path = 0.0
   c.model.adapter_dim = 16
   c.cross_attention.num_heads = 2
-  c.glare.regions.num_regions = 2
+  if c.glare.regions.sampling == "attention":
+    c.glare.regions.num_regions = 2  # one region per head of the tiny ViT
   c.udi.num_heads = 2
   c.head.out_dim = 256
   c.head.hidden_dim = 128

@@ -54,8 +54,9 @@ class CrossAttention(nn.Module):
     out = q + proj(MHA(W_q LN(q), W_k LN(kv), W_v LN(kv)))
 
   One `qkv` projection (as in UDI's module) is shared: its query third is applied
-  to the queries, its key and value thirds to the context. `kv_mask` [B, S] marks
-  valid context tokens (used for regions of varying size).
+  to the queries, its key and value thirds to the context. `kv_mask` marks valid
+  context tokens, either for all queries ([B, S]) or per query ([B, Q, S], e.g. a
+  different region R' for each group of queries).
   """
   num_heads: int = 6
   dtype: Any = jnp.float32
@@ -73,7 +74,8 @@ class CrossAttention(nn.Module):
     k, v = kv_all[:, :, 1], kv_all[:, :, 2]  # [B, S, H, hd]
     logits = jnp.einsum("bqhc,bkhc->bhqk", q_all * (hd ** -0.5), k).astype(jnp.float32)
     if kv_mask is not None:
-      logits = jnp.where(kv_mask[:, None, None, :], logits, -1e30)
+      mask = kv_mask[:, None, None, :] if kv_mask.ndim == 2 else kv_mask[:, None, :, :]
+      logits = jnp.where(mask, logits, -1e30)
     attn = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bhqk,bkhc->bqhc", attn.astype(self.dtype), v).reshape(b, nq, d)
     out = nn.Dense(d, dtype=self.dtype, kernel_init=trunc_normal, name="proj")(out)

@@ -1,0 +1,250 @@
+"""The GLARE objective: L = w_glob L_glob + w_reg L_reg + w_loc1 L_loc1 + w_loc2 L_loc2.
+
+Views: G = 2 global crops (teacher and student) and L local crops (student only).
+The student sees its globals once, with the patch augmentation of L_loc1 applied
+(that single pass feeds every term), and its locals in a second backbone call; the
+teacher sees the clean globals in one call. One projection head serves every
+level; one centre per level ('global', 'region', 'local').
+
+* L_glob (eq. 4): DINO loss on [CLS]: every (teacher global t, student view v) pair
+  with v != t, averaged over pairs and images.
+* L_reg (eqs. 5-7): M regions per student global view X (data/regions.py), each
+  paired with the other global view X'. Student: z~_r = CA(q = student tokens of
+  R's patches, k = v = all student patch tokens of X). Teacher (EMA CA, no
+  gradient): z~'_r = CA(q = teacher tokens of X' interpolated bilinearly at the
+  positions of R's patch centres, k = v = teacher tokens of the X' patches of R',
+  the patches overlapping the area R covers). The loss is H(g'(z~'_r), g(z~_r))
+  for every patch r of a kept region whose centre lies inside X', averaged over
+  all such (image, view, region, patch) entries. Cross-attention inputs are the
+  last block's tokens before the final LayerNorm, as UDI's module was trained.
+* L_loc1 (eq. 8): on the student's distorted globals, H(teacher clean view, student)
+  over the distorted patches: masked mean per view (denominator clamped at 1),
+  then mean over views and images (iBOT).
+* L_loc2 (eq. 9): every student patch of every view is carried into each teacher
+  global that is not its own view; the target is the teacher distribution there,
+  bilinear over the 4 neighbouring teacher patches; positions outside the teacher
+  view are masked. Averaged over all matched (patch, teacher view) pairs.
+
+A term with weight 0 is not computed (nor reported), and the patch augmentation is
+applied only while L_loc1 is on; `patch_aug.kind = 'none'` drops L_loc1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+
+from glare_jax.data import correspondence as corr
+from glare_jax.data import patch_aug as paug
+from glare_jax.data import regions as reg
+from glare_jax.models.vit import cls_patch_attention
+from glare_jax.objectives import common
+
+Array = jax.Array
+
+
+def other(x: Array) -> Array:
+  """[B, 2, ...] per-global-view arrays -> those of the other global view."""
+  return x[:, ::-1]
+
+
+# ---------------------------------------------------------------- loss terms
+
+def glob_loss(s_cls: Array, t_cls: Array, centre: Array, t_temp, s_temp: float) -> Array:
+  """s_cls [B, V, K] (globals first), t_cls [B, G, K] -> mean over pairs v != t."""
+  tp = common.teacher_probs(t_cls, centre, t_temp)
+  ls = common.student_log_probs(s_cls, s_temp)
+  ce = -jnp.einsum("btk,bvk->btv", tp, ls)  # [B, G, V]
+  g, v = t_cls.shape[1], s_cls.shape[1]
+  pairs = (jnp.arange(g)[:, None] != jnp.arange(v)[None, :]).astype(jnp.float32)
+  return jnp.mean(jnp.sum(ce * pairs, (1, 2))) / jnp.sum(pairs)
+
+
+def loc1_loss(s_patch: Array, t_patch: Array, cells: Array, centre: Array, t_temp,
+              s_temp: float) -> Array:
+  """[B, G, N, K] student (distorted) / teacher (clean) patches, cells [B, G, N]."""
+  ce = common.cross_entropy(t_patch, s_patch, centre, t_temp, s_temp)  # [B, G, N]
+  m = cells.astype(jnp.float32)
+  per_view = jnp.sum(ce * m, -1) / jnp.maximum(jnp.sum(m, -1), 1.0)
+  return jnp.mean(per_view)
+
+
+def loc2_sums(s_patch: Array, t_patch: Array, interp: Array, valid: Array, centre: Array,
+              t_temp, s_temp: float) -> tuple[Array, Array]:
+  """Sum and count of H(bilinear teacher target, student) over matched patches.
+
+  s_patch [..., Q, K] student logits; t_patch [..., N, K] teacher logits of the
+  target view; interp [..., Q, N] bilinear weights (rows sum to 1 where valid);
+  valid [..., Q]. Leading axes broadcast. Since the target is linear in the teacher
+  distributions, H = -sum_n interp[q, n] <p_t[n], log p_s[q]>, computed without
+  materialising [Q, K] targets.
+  """
+  tp = common.teacher_probs(t_patch, centre, t_temp)
+  ls = common.student_log_probs(s_patch, s_temp)
+  pair = jnp.matmul(ls, jnp.swapaxes(tp, -1, -2))  # [..., Q, N]
+  ce = -jnp.sum(interp * pair, -1)
+  m = jnp.broadcast_to(valid, ce.shape).astype(jnp.float32)
+  return jnp.sum(ce * m), jnp.sum(m)
+
+
+def reg_loss(s_out: Array, t_out: Array, mask: Array, centre: Array, t_temp,
+             s_temp: float) -> Array:
+  """Region loss: [..., K] student / teacher CA-head outputs, mask [...] -> masked mean."""
+  return common.masked_mean(common.cross_entropy(t_out, s_out, centre, t_temp, s_temp), mask)
+
+
+def region_features(student_ca, teacher_ca, xs: Array, xt: Array, regions: reg.Regions,
+                    mapped: reg.MappedRegions) -> tuple[Array, Array]:
+  """Cross-attention features of regions (eqs. 5 and 6).
+
+  Args:
+    student_ca, teacher_ca: `(q [B', Q, D], kv [B', N, D], kv_mask [B', Q, N] | None)
+      -> [B', Q, D]` (the CrossAttention module with student / teacher parameters).
+    xs: [B, G, N, D] student patch tokens of each view X.
+    xt: [B, G, N, D] teacher patch tokens of the paired view X'.
+    regions: regions of X, index/valid [B, G, M, S].
+    mapped: the regions carried into X'.
+  Returns:
+    z_s: CA(q = tokens of R's patches, kv = all tokens of X)                  [B, G, M, S, D]
+    z_t: CA(q = X' tokens interpolated at R's centres, kv = X' tokens of R')  [B, G, M, S, D]
+  """
+  b, g, n, d = xs.shape
+  m, s = regions.index.shape[-2:]
+  q_s = common.gather_tokens(xs, regions.index.reshape(b, g, m * s))  # [B, G, M*S, D]
+  z_s = student_ca(q_s.reshape(b * g, m * s, d), xs.reshape(b * g, n, d))
+  interp = corr.interpolation_matrix(mapped.index, mapped.weight, n)  # [B, G, M, S, N]
+  q_t = jnp.einsum("bgmsn,bgnd->bgmsd", interp, xt)
+  ctx = jnp.broadcast_to(mapped.context[:, :, :, None, :], (b, g, m, s, n))
+  z_t = teacher_ca(q_t.reshape(b * g, m * s, d), xt.reshape(b * g, n, d),
+                   ctx.reshape(b * g, m * s, n))
+  shape = (b, g, m, s, d)
+  return z_s.reshape(shape), z_t.reshape(shape)
+
+
+# ---------------------------------------------------------------- the objective
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GlareObjective(common.ObjectiveBase):
+  """GLARE; hyperparameters from `config.glare` (weights, regions, patch_aug)."""
+  glare: mlc.ConfigDict = None
+  patch_size: int = 16
+
+  def init_centres(self) -> dict[str, Array]:
+    return self.zero_centres("global", "region", "local")
+
+  @property
+  def use_loc1(self) -> bool:
+    return self.glare.w_loc1 > 0 and self.glare.patch_aug.kind != "none"
+
+  def __call__(self, student_params: Any, teacher_params: Any, centres: dict[str, Array],
+               batch: dict[str, Array], rng: Array, step: Array):
+    g_img, l_img = batch["global_crops"], batch["local_crops"]  # [B, G, ...], [B, L, ...]
+    boxes, flips = batch["boxes"], batch["flips"]                 # [B, G + L, 4], [B, G + L]
+    b, g = g_img.shape[:2]
+    if g != 2:
+      raise ValueError(f"GLARE pairs each global view with the other one: needs 2 global crops, got {g}")
+    k_aug, k_reg, k_drop_g, k_drop_l = jax.random.split(rng, 4)
+    t_temp = self.temperature(step)
+    s_temp, w = self.student_temp, self.glare
+    metrics = {"teacher_temp": t_temp}
+
+    # --- backbones: teacher on clean globals, student on distorted globals + locals.
+    t = self.teacher(teacher_params, g_img)
+    if self.use_loc1:
+      aug = paug.apply_patch_aug(k_aug, g_img, self.patch_size, w.patch_aug)
+      s_in, cells, patch_mask = aug.images, aug.cells, aug.patch_mask
+    else:
+      s_in, cells, patch_mask = g_img, None, None
+    s_g = self.student(student_params, s_in, k_drop_g, patch_mask)
+    s_l = self.student(student_params, l_img, k_drop_l)
+    if t.num_prefix < 1:
+      raise ValueError("GLARE needs a [CLS] token (model.num_prefix >= 1)")
+
+    # --- region branch (cross-attention outputs, before the head).
+    s_parts = [s_g.tokens[:, :, 0], s_l.tokens[:, :, 0]]  # [CLS] of every view
+    t_parts = [t.tokens[:, :, 0]]
+    if w.w_loc1 > 0 or w.w_loc2 > 0:
+      s_parts += [s_g.patches(), s_l.patches()]
+      t_parts += [t.patches()]
+    if w.w_reg > 0:
+      z_s, z_t, reg_mask, kept = self._regions(student_params, teacher_params, t, s_g,
+                                               boxes[:, :g], flips[:, :g], k_reg)
+      s_parts.append(z_s)
+      t_parts.append(z_t)
+      metrics["reg/kept"] = jnp.mean(kept)
+
+    # --- one head call per network.
+    s_out = common.apply_head(self.models.head, student_params["head"], s_parts)
+    t_out = common.apply_head(self.models.head, teacher_params["head"], t_parts)
+    t_out = [jax.lax.stop_gradient(x) for x in t_out]
+    s_cls = jnp.concatenate(s_out[:2], axis=1)  # [B, G + L, K]
+    t_cls = t_out[0]                            # [B, G, K]
+
+    new = dict(centres)
+    terms = {}
+    if w.w_glob > 0:
+      terms["glob"] = glob_loss(s_cls, t_cls, centres["global"], t_temp, s_temp)
+      new["global"] = common.update_centre(
+          centres["global"], common.masked_vector_mean(t_cls), self.center_momentum)
+    if w.w_loc1 > 0 or w.w_loc2 > 0:
+      s_gp, s_lp, t_p = s_out[2], s_out[3], t_out[1]  # [B,G,N,K], [B,L,n,K], [B,G,N,K]
+      c = centres["local"]
+      if self.use_loc1:
+        terms["loc1"] = loc1_loss(s_gp, t_p, cells, c, t_temp, s_temp)
+        metrics["loc1/distorted"] = jnp.mean(cells)
+      if w.w_loc2 > 0:
+        terms["loc2"], metrics["loc2/matched"] = self._loc2(
+            s_gp, s_lp, t_p, boxes, flips, t.grid, s_l.grid, c, t_temp)
+      new["local"] = common.update_centre(c, common.masked_vector_mean(t_p), self.center_momentum)
+    if w.w_reg > 0:
+      z_s_out, z_t_out = s_out[-1], t_out[-1]  # [B, G, M, S, K]
+      terms["reg"] = reg_loss(z_s_out, z_t_out, reg_mask, centres["region"], t_temp, s_temp)
+      new["region"] = common.update_centre(
+          centres["region"], common.masked_vector_mean(z_t_out, reg_mask), self.center_momentum)
+
+    weights = {"glob": w.w_glob, "reg": w.w_reg, "loc1": w.w_loc1, "loc2": w.w_loc2}
+    loss = sum(weights[k] * v for k, v in terms.items())
+    metrics.update({f"loss/{k}": v for k, v in terms.items()})
+    return loss, (metrics, new)
+
+  def _regions(self, sp, tp, t: common.Views, s_g: common.Views, boxes, flips, key):
+    """Student and teacher cross-attention outputs [B, G, M, S, D] of the regions."""
+    cfg = self.glare.regions
+    b, g = boxes.shape[:2]
+    hw = t.grid
+    cls_attn = cls_patch_attention(t.attn.reshape(b * g, *t.attn.shape[2:]), t.num_prefix)
+    cls_attn = cls_attn.reshape(b, g, -1, hw[0] * hw[1])  # [B, G, heads, N]
+    regions = reg.draw_regions(key, cfg, hw, (b, g), cls_attn)
+    mapped = reg.map_regions(regions, boxes, flips, hw, other(boxes), other(flips), hw,
+                             cfg.min_valid_fraction)
+    ca = self.models.cross_attention
+    z_s, z_t = region_features(
+        lambda q, kv, mask=None: ca.apply({"params": sp["cross_attention"]}, q, kv, mask),
+        lambda q, kv, mask=None: ca.apply({"params": tp["cross_attention"]}, q, kv, mask),
+        s_g.last_patches(), other(t.last_patches()), regions, mapped)
+    mask = mapped.inside & mapped.keep[..., None]  # [B, G, M, S]
+    return z_s, jax.lax.stop_gradient(z_t), mask, mapped.keep
+
+  def _loc2(self, s_gp, s_lp, t_p, boxes, flips, g_grid, l_grid, centre, t_temp):
+    """L_loc2 over student globals (-> the other global) and locals (-> both globals)."""
+    g = t_p.shape[1]
+    n = g_grid[0] * g_grid[1]
+    bg, fg = boxes[:, :g], flips[:, :g]
+    bl, fl = boxes[:, g:], flips[:, g:]
+    # Globals: view v against the teacher's other global view.
+    cg = corr.match_patches(bg, fg, g_grid, other(bg), other(fg), g_grid)  # [B, G, N]
+    ig = corr.interpolation_matrix(cg.index, cg.weight, n)                       # [B, G, N, N]
+    sum_g, cnt_g = loc2_sums(s_gp, other(t_p), ig, cg.valid, centre, t_temp, self.student_temp)
+    # Locals: every local view against both teacher views.
+    cl = corr.match_patches(bl[:, :, None], fl[:, :, None], l_grid,
+                            bg[:, None], fg[:, None], g_grid)                    # [B, L, G, n]
+    il = corr.interpolation_matrix(cl.index, cl.weight, n)                       # [B, L, G, n, N]
+    sum_l, cnt_l = loc2_sums(s_lp[:, :, None], t_p[:, None], il, cl.valid, centre, t_temp,
+                             self.student_temp)
+    total = cnt_g + cnt_l
+    possible = cg.valid.size + cl.valid.size
+    return (sum_g + sum_l) / jnp.maximum(total, 1.0), total / possible
