@@ -1,8 +1,7 @@
 """Merging converted weights into freshly initialised parameters (models/load.py)."""
 
-import functools
-
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -12,6 +11,7 @@ import torch_vit as tv  # noqa: E402
 
 from configs.common import pretrain_config  # noqa: E402
 from glare_jax.models import build_models, init_params, load, vit_from_config  # noqa: E402
+from glare_jax.models.vit import Adapter, size_kwargs  # noqa: E402
 
 TINY_HEAD = dict(k=256, hidden=128, bottleneck=32)  # = the ':tiny' config's head
 
@@ -23,21 +23,22 @@ def tiny_config(**model):
 
 
 def fresh_params(config):
-  """Parameters shaped as init_params makes them: a real init for the default tiny
-  config (adapters with a zero up-projection), random NumPy of the same shapes for
-  variants (initialisers compile slowly on CPU; only shapes matter there)."""
+  """Parameters shaped as init_params makes them: random NumPy values, with freshly
+  initialised adapters (a real `Adapter.init`, zero up-projection). Initialising the
+  whole model would compile every random initialiser, slow on CPU."""
   models = build_models(config)
-  if config.to_json() == tiny_config().to_json():
-    return _tiny_init()
   shapes = jax.eval_shape(lambda: init_params(models, jax.random.key(1), config))
   rng = np.random.default_rng(1)
-  return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes)
-
-
-@functools.cache
-def _tiny_init():
-  config = tiny_config()
-  return jax.jit(lambda k: init_params(build_models(config), k, config))(jax.random.key(1))
+  params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes)
+  mc = config.model
+  if mc.adapter_mode != "none":
+    adapter = Adapter(mc.adapter_dim, mc.adapter_scale, with_norm=mc.adapter_mode == "parallel")
+    width = size_kwargs(mc.variant)["width"]
+    fresh = adapter.init(jax.random.key(2), jnp.zeros((1, 1, width)))["params"]
+    for name, block in params["backbone"].items():
+      if name.startswith("block_"):
+        block["adapter"] = fresh
+  return params
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ def make_params(seed=0):
           "cls_token": a(1, 2, 8), "pos_embed": a(1, 6, 8),
           "patch_embed": {"kernel": a(2, 2, 3, 8), "bias": a(8)},
           "block_0": {"norm1": {"scale": a(8), "bias": a(8)}, "attn": {"qkv": dense(8, 24)},
+                      "gamma": a(8),  # 1-D, matched by no no_decay pattern
                       "adapter": {"down": dense(8, 4), "up": dense(4, 8)}},
           "norm": {"scale": a(8), "bias": a(8)},
       },
@@ -94,17 +95,18 @@ def test_schedule_matches_dino():
 
 
 def run_steps(c, params, grads, n, steps_per_epoch=3):
+  """`n` jitted updates; `grads` is one gradient tree or a list, one per step."""
   tx, schedule = optim.build_optimizer(c, params, batch_size=512,
                                        steps_per_epoch=steps_per_epoch, num_epochs=10)
   state = tx.init(params)
 
   @jax.jit
-  def step(params, state):
+  def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
   history = [params]
-  for _ in range(n):
-    params, state = step(params, state)
+  for i in range(n):
+    params, state = step(params, state, grads[i] if isinstance(grads, list) else grads)
     history.append(params)
   return history, state, schedule
 
@@ -128,7 +130,8 @@ def test_one_step_frozen_and_trainable():
 
 def test_last_layer_held_during_first_epoch():
   params = make_params()
-  grads = jax.tree.map(lambda g: g * 1e-3, make_params(seed=1))  # below the clip threshold
+  # Different gradients each step, below the clip threshold.
+  grads = [jax.tree.map(lambda g: g * 1e-3, make_params(seed=s)) for s in range(1, 5)]
   history, _, schedule = run_steps(cfg(warmup_epochs=0), params, grads, 4, steps_per_epoch=3)
   for t in range(1, 4):
     np.testing.assert_array_equal(history[t]["head"]["weight_v"], params["head"]["weight_v"])
@@ -136,7 +139,7 @@ def test_last_layer_held_during_first_epoch():
                   != history[t - 1]["head"]["layers_0"]["kernel"])
   # Step 4 is the last layer's first Adam step (bias correction from 1, as in PyTorch
   # where a parameter without gradient is skipped): m_hat = g, v_hat = g^2.
-  v, g = params["head"]["weight_v"].astype(np.float64), np.asarray(grads["head"]["weight_v"])
+  v, g = params["head"]["weight_v"].astype(np.float64), np.asarray(grads[3]["head"]["weight_v"])
   lr = float(schedule(3))
   want = v - lr * (g / (np.abs(g) + 1e-8) + WD * v)
   np.testing.assert_allclose(history[4]["head"]["weight_v"], want, rtol=1e-5, atol=1e-9)
@@ -172,11 +175,12 @@ def test_clipping_per_param_and_global():
   small = jax.tree.map(lambda g: g * 1e-3, make_params(seed=1))
   huge = jax.tree.map(lambda g: g, small)
   huge["backbone"]["patch_embed"]["kernel"] = small["backbone"]["patch_embed"]["kernel"] * 1e6
-  c = cfg(clip_mode="global", clip_grad=1e-3)
+  c = cfg(clip_mode="global", clip_grad=1e-3, warmup_epochs=0)
   a, _, _ = run_steps(c, params, small, 1)
   b, _, _ = run_steps(c, params, huge, 1)
   for k, x in flat(a[1]).items():
     np.testing.assert_array_equal(x, flat(b[1])[k], err_msg=k)
+  assert np.any(flat(a[1])["head/layers_0/kernel"] != params["head"]["layers_0"]["kernel"])
   with pytest.raises(ValueError, match="clip_mode"):
     optim.build_optimizer(cfg(clip_mode="norm"), params, 512, 3, 10)
 

@@ -11,20 +11,28 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from glare_jax.models.vit import LN_EPS, Block, ViT, resize_pos_grid, size_kwargs
+from glare_jax.models.vit import LN_EPS, Adapter, Block, ViT, resize_pos_grid, size_kwargs
 
 TINY = dict(size_kwargs("tiny_test"), pos_grid=4, num_prefix=2)
 
 
 @functools.cache
 def _init():
+  """Random backbone weights with freshly initialised adapters (a real `Adapter.init`;
+  initialising the whole ViT would compile every random initialiser, slow on CPU)."""
   model = ViT(**TINY, adapter_mode="sequential", adapter_dim=16, use_mask_token=True)
-  return jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: (0.1 * rng.normal(size=s.shape)).astype(np.float32), shapes)
+  adapter = Adapter(16, 0.1).init(jax.random.key(1), jnp.zeros((1, 1, 64)))["params"]
+  for name in params:
+    if name.startswith("block_"):
+      params[name]["adapter"] = adapter
+  return params
 
 
 def tiny_params(adapter_mode="sequential", use_mask_token=False):
-  """Freshly initialised parameters. One real init (initialisers compile slowly on
-  CPU) adapted per mode: the parallel adapter adds a LayerNorm (ones / zeros)."""
+  """`_init` adapted per mode: the parallel adapter adds its LayerNorm (ones / zeros)."""
   params = {k: v for k, v in _init().items() if use_mask_token or k != "mask_token"}
   for name, block in params.items():
     if not name.startswith("block_"):
@@ -123,6 +131,8 @@ def test_block_matches_numpy(mode):
 @pytest.mark.parametrize("mode", ["sequential", "parallel"])
 def test_fresh_adapter_is_bit_identical(mode):
   params = tiny_params(mode)
+  up = params["block_0"]["adapter"]["up"]
+  assert not np.any(up["kernel"]) and not np.any(up["bias"])  # W_up, b_up start at zero
   plain = {k: ({n: v for n, v in p.items() if n != "adapter"} if k.startswith("block_") else p)
            for k, p in params.items()}
   images = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
