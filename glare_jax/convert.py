@@ -221,6 +221,9 @@ def infer_spec(groups: dict[str, dict[str, Any]], fmt: str, which: str,
     notes.append("FLSL: dropped the unused cls_token (no prefix rows in pos_embed)")
   variant = next((name for name, (w, dp, _, m) in SIZES.items() if (w, dp, m) == (d, depth, mlp)),
                  "custom")
+  if variant == "custom" and d % HEAD_DIM:
+    raise ConversionError(f"{path}: width {d} matches no known ViT size and is not a "
+                          f"multiple of the head dimension {HEAD_DIM}")
   heads = SIZES[variant][2] if variant != "custom" else d // HEAD_DIM
   head_info = None
   if "head" in groups:

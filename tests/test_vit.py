@@ -45,9 +45,13 @@ def tiny_params(adapter_mode="sequential", use_mask_token=False):
   return params
 
 
+@functools.cache
+def _jitted_apply(**kw):
+  return jax.jit(ViT(**TINY, adapter_dim=16, **kw).apply)
+
+
 def run(params, images, patch_mask=None, **kw):
-  model = ViT(**TINY, adapter_dim=16, **kw)
-  return jax.jit(model.apply)({"params": params}, images, patch_mask=patch_mask)
+  return _jitted_apply(**kw)({"params": params}, images, patch_mask=patch_mask)
 
 
 @pytest.mark.parametrize("mode", ["dino", "size"])

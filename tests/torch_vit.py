@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import pathlib
+import warnings
 
 import numpy as np
 import torch
@@ -94,7 +95,9 @@ class Head(nn.Module):
     super().__init__()
     self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, hidden),
                              nn.GELU(), nn.Linear(hidden, bottleneck))
-    self.last_layer = nn.utils.weight_norm(nn.Linear(bottleneck, k, bias=False))
+    with warnings.catch_warnings():  # the classic API: it names the keys weight_g / weight_v
+      warnings.simplefilter("ignore", FutureWarning)
+      self.last_layer = nn.utils.weight_norm(nn.Linear(bottleneck, k, bias=False))
 
   def forward(self, x):
     return self.last_layer(F.normalize(self.mlp(x), dim=-1))

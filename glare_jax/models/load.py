@@ -78,10 +78,6 @@ def vit_from_spec(spec: ModelSpec, **overrides: Any) -> ViT:
   return ViT(**kw)
 
 
-def _prefix_and_grid(pos_shape: Sequence[int], num_prefix: int) -> int:
-  return math.isqrt(pos_shape[1] - num_prefix)
-
-
 def _adapt_pos_embed(pos: np.ndarray, spec: ModelSpec, fresh: dict[str, Any],
                      drop_prefix: bool, pos_resize: str, problems: list[str],
                      notes: list[str]) -> np.ndarray | None:
@@ -102,7 +98,7 @@ def _adapt_pos_embed(pos: np.ndarray, spec: ModelSpec, fresh: dict[str, Any],
     return None
   else:
     prefix = pos[:, :p_c]
-  g_t = _prefix_and_grid(target, p_t)
+  g_t = math.isqrt(target[1] - p_t)
   if g_t * g_t + p_t != target[1] or d != target[2]:
     problems.append(f"backbone/pos_embed: checkpoint {pos.shape} does not fit model {target}")
     return None
@@ -122,7 +118,8 @@ def merge_converted(fresh: dict[str, Any], converted: dict[str, Any], spec: Mode
     fresh: {'backbone', ...} as `init_params` builds it (or a sub-dict of it).
     converted, spec: from `load_converted`.
     parts: parts to take from the checkpoint when it has them; a part the
-      checkpoint lacks stays fresh (said in the notes).
+      checkpoint lacks stays fresh, a part the model lacks (a segmentation
+      model has no head) is skipped; both said in the notes.
     drop_prefix: drop the prefix rows of pos_embed and the cls_token (for a model
       with num_prefix = 0, the UDI -> FLSL baseline).
     pos_resize: how to resample the stored position grid when the model's grid
@@ -138,7 +135,10 @@ def merge_converted(fresh: dict[str, Any], converted: dict[str, Any], spec: Mode
       notes.append(f"{part}: not in the checkpoint, kept fresh")
       continue
     if not any(k.startswith(part + "/") for k in flat):
-      problems.append(f"{part}: in the checkpoint but the model has no {part!r}")
+      if part == "backbone":
+        problems.append("backbone: the model has no 'backbone' parameters")
+      else:  # e.g. a segmentation model: backbone + FPN, no projection head
+        notes.append(f"{part}: in the checkpoint, the model has none; not loaded")
       continue
     for path, value in traverse_util.flatten_dict(converted[part], sep="/").items():
       key, value = f"{part}/{path}", np.asarray(value)
@@ -171,7 +171,8 @@ def merge_converted(fresh: dict[str, Any], converted: dict[str, Any], spec: Mode
     if part in converted and fresh_keys:
       adapters = sum("/adapter/" in k for k in fresh_keys)
       others = sorted(k for k in fresh_keys if "/adapter/" not in k)
-      notes.append(f"{part}: loaded {len([k for k in loaded if k.startswith(part)])} arrays; "
+      n_loaded = sum(k.startswith(part + "/") for k in loaded)
+      notes.append(f"{part}: loaded {n_loaded} arrays; "
                    f"kept fresh: {adapters} adapter arrays"
                    + (f", {others}" if others else ""))
   notes += [f"{p}: in the checkpoint, not loaded (not in parts)"
