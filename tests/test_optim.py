@@ -205,8 +205,10 @@ def test_describe_params():
   labels = flat(optim.param_labels(params, optim.param_rules(cfg())))
   trainable = sum(n for k, n in sizes.items() if labels[k] == "train")
   total = sum(sizes.values())
-  assert lines[0] == (f"trainable: {trainable / 1e3:.1f}K of {total / 1e3:.1f}K parameters "
-                      f"({100 * trainable / total:.1f}%)")
+  assert (trainable, total) == (964, 1420)
+  assert lines[0] == "trainable: 964 of 1.4K parameters (67.9%)"
   adapters = sum(n for k, n in sizes.items() if "/adapter/" in k)
-  assert f"  train  'backbone/block_\\\\d+/adapter/.*': 4 arrays, {adapters / 1e3:.1f}K" in lines
+  assert adapters == 8 * 4 + 4 + 4 * 8 + 8
+  assert "  train  backbone/block_\\d+/adapter/.*: 4 arrays, 76" in lines
   assert any(line.startswith("  lr x2: 3 arrays") for line in lines), lines
+  assert lines[-1] == "  held for the first 1 epoch(s): head/weight_v"

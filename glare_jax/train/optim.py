@@ -198,19 +198,24 @@ def build_optimizer(optim_cfg: Any, params: Any, batch_size: int, steps_per_epoc
 
 
 def _fmt(n: int) -> str:
-  return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+  """1234567 -> '1.23M', 12345 -> '12.3K', 123 -> '123'."""
+  if n >= 1e5:
+    return f"{n / 1e6:.2f}M"
+  return f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
 
 
 def describe_params(params: Any, optim_cfg: Any) -> list[str]:
   """What the rules matched, one line each: trainable count, per-rule groups,
   no-decay and lr-multiplier groups."""
   rules = param_rules(optim_cfg)
+  param_labels(params, rules)  # every path matches a rule, or a clear error
   leaves = [(path_str(kp), x) for kp, x in jax.tree_util.tree_leaves_with_path(params)]
   total = sum(math.prod(x.shape) for _, x in leaves)
   by_rule = collections.defaultdict(lambda: [0, 0])
   trainable, no_decay, mults = 0, [0, 0], collections.defaultdict(lambda: [0, 0])
+  held = []
   for path, x in leaves:
-    i, rule = _first_match(path, rules) or (None, None)
+    i, rule = _first_match(path, rules)
     n = math.prod(x.shape)
     by_rule[i][0] += 1
     by_rule[i][1] += n
@@ -219,6 +224,8 @@ def describe_params(params: Any, optim_cfg: Any) -> list[str]:
       if not decays(path, x.ndim, optim_cfg.no_decay):
         no_decay[0] += 1
         no_decay[1] += n
+      if re.fullmatch(LAST_LAYER, path) and optim_cfg.freeze_last_layer_epochs > 0:
+        held.append(path)
       m = lr_mult(path, optim_cfg.lr_mults)
       if m != 1.0:
         mults[m][0] += 1
@@ -227,7 +234,10 @@ def describe_params(params: Any, optim_cfg: Any) -> list[str]:
            f"({100 * trainable / max(total, 1):.1f}%)"]
   for i, (arrays, n) in sorted(by_rule.items(), key=lambda kv: kv[0]):
     pattern, rule = rules[i]
-    lines.append(f"  {rule:6s} {pattern!r}: {arrays} arrays, {_fmt(n)}")
+    lines.append(f"  {rule:6s} {pattern}: {arrays} arrays, {_fmt(n)}")
   lines.append(f"  no weight decay: {no_decay[0]} trainable arrays, {_fmt(no_decay[1])}")
   lines += [f"  lr x{m:g}: {a} arrays, {_fmt(n)}" for m, (a, n) in sorted(mults.items())]
+  if held:
+    lines.append(f"  held for the first {optim_cfg.freeze_last_layer_epochs} epoch(s): "
+                 + ", ".join(held))
   return lines
