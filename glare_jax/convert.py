@@ -349,7 +349,8 @@ def convert_checkpoint(path: pathlib.Path, fmt: str = "auto", which: str = "teac
   if "head" in groups:
     groups["head"] = _weight_norm_names(groups["head"])
   spec, notes = infer_spec(groups, fmt, which if is_training else "", path)
-  notes.insert(0, f"format {fmt} (detected {detected})" + (f", {which}" if is_training else ""))
+  notes.insert(0, f"format {fmt}" + ("" if fmt == detected else f" (detected {detected})")
+               + (f", {which}" if is_training else ""))
   problems = [f"unknown key {k}" for k in unknown]
   params = {}
   for part, sd in groups.items():
