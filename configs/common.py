@@ -225,6 +225,7 @@ def optim_config() -> mlc.ConfigDict:
       b1=0.9,
       b2=0.999,
       clip_grad=3.0,
+      clip_mode="per_param",        # DINO/UDI's clip_gradients (each array's norm); or 'global'
       freeze_last_layer_epochs=1,
       ema_momentum=0.996,           # -> 1 on a per-step cosine
       ema_final=1.0,
@@ -265,6 +266,10 @@ def pretrain_config(dataset: str, arg: str | None = None) -> mlc.ConfigDict:
   c.optim = optim_config()
 
   c.init_checkpoint = ""          # a converted checkpoint (python -m glare_jax.convert)
+  # Parts taken from init_checkpoint when it has them (glare_jax/models/load.py). UDI's
+  # head has K = 65536, ours 8192, so by default only the backbone is loaded (UDI's
+  # own load_pretrained_weights does the same); add 'head' / 'cross_attention' to reuse them.
+  c.init_parts = ("backbone",)
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 2
   c.log_every_steps = 10

@@ -1,8 +1,9 @@
 """Projection head (shared by all GLARE levels) and the cross-attention module.
 
 Parameter names follow the PyTorch checkpoints so that the converter is a
-renaming: `mlp/layers_{0,1,2}`, `last_layer/{weight_v, weight_g}`;
-cross-attention `attn/{qkv, proj}` and `norm1`.
+renaming: head `layers_{0,1,2}` (DINO's `mlp.{0,2,4}`), `weight_v`, `weight_g`
+(`last_layer.weight_{v,g}`); cross-attention `qkv`, `proj`, `norm` (UDI's
+`attn.{qkv, proj, norm}`) and `norm1`.
 """
 
 from __future__ import annotations
@@ -49,14 +50,18 @@ class ProjectionHead(nn.Module):
 
 
 class CrossAttention(nn.Module):
-  """Multi-head cross-attention with a residual and a pre-LayerNorm.
+  """Multi-head cross-attention in the shape of UDI's trained module.
 
-    out = q + proj(MHA(W_q LN(q), W_k LN(kv), W_v LN(kv)))
+    q' = LN1(q), kv' = LN1(kv)
+    out = LN(q' + proj(MHA(W_q q', W_k kv', W_v kv')))
 
-  One `qkv` projection (as in UDI's module) is shared: its query third is applied
-  to the queries, its key and value thirds to the context. `kv_mask` marks valid
-  context tokens, either for all queries ([B, S]) or per query ([B, Q, S], e.g. a
-  different region R' for each group of queries).
+  A shared pre-LayerNorm `norm1`, one `qkv` projection (its query third applied
+  to the queries, its key and value thirds to the context), a residual from the
+  normalised queries and a post-LayerNorm `norm`: UDI's `MaskedAttention` with
+  its skip connection (its `attn.{qkv, proj, norm}`, plus the wrapper's
+  `norm1`), so a UDI checkpoint's module converts by renaming. `kv_mask` marks
+  valid context tokens, either for all queries ([B, S]) or per query ([B, Q, S],
+  e.g. a different region R' for each group of queries).
   """
   num_heads: int = 6
   dtype: Any = jnp.float32
@@ -67,10 +72,11 @@ class CrossAttention(nn.Module):
     b, nq, d = q.shape
     s = kv.shape[1]
     hd = d // self.num_heads
-    norm = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm1")
+    norm1 = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm1")
     qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=trunc_normal, name="qkv")
-    q_all = qkv(norm(q)).reshape(b, nq, 3, self.num_heads, hd)[:, :, 0]  # [B, Q, H, hd]
-    kv_all = qkv(norm(kv)).reshape(b, s, 3, self.num_heads, hd)
+    q = norm1(q)
+    q_all = qkv(q).reshape(b, nq, 3, self.num_heads, hd)[:, :, 0]  # [B, Q, H, hd]
+    kv_all = qkv(norm1(kv)).reshape(b, s, 3, self.num_heads, hd)
     k, v = kv_all[:, :, 1], kv_all[:, :, 2]  # [B, S, H, hd]
     logits = jnp.einsum("bqhc,bkhc->bhqk", q_all * (hd ** -0.5), k).astype(jnp.float32)
     if kv_mask is not None:
@@ -79,4 +85,4 @@ class CrossAttention(nn.Module):
     attn = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bhqk,bkhc->bqhc", attn.astype(self.dtype), v).reshape(b, nq, d)
     out = nn.Dense(d, dtype=self.dtype, kernel_init=trunc_normal, name="proj")(out)
-    return q + out
+    return nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm")(q + out)

@@ -247,16 +247,42 @@ def cls_patch_attention(attn: Array, num_prefix: int) -> Array:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-  """What a converted checkpoint records about its backbone (JSON next to it)."""
+  """What a converted checkpoint records about its model (`model.json` beside it).
+
+  The sizes are read from the checkpoint's shapes; `variant` names the matching
+  entry of `SIZES` ('custom' when none matches, then width/depth/heads/mlp_dim
+  carry the architecture).
+  """
   variant: str = "S"
   patch_size: int = 16
   num_prefix: int = 2
   pos_grid: int = 14
   head_dim_out: int | None = None  # K of the projection head, if the file has one
+  width: int = 384
+  depth: int = 12
+  num_heads: int = 6
+  mlp_dim: int = 1536
+  mask_token: bool = False         # the file has a [MASK] embedding (iBOT)
+  head: dict[str, int] | None = None             # hidden_dim, bottleneck_dim, num_layers, out_dim
+  cross_attention: dict[str, int] | None = None  # num_heads
+  source_format: str = ""          # 'udi', 'dino', 'ibot' or 'flsl'
+  which: str = ""                  # 'teacher', 'student' or '' (backbone-only file)
 
   def vit_kwargs(self) -> dict[str, Any]:
     return dict(patch_size=self.patch_size, num_prefix=self.num_prefix,
-                pos_grid=self.pos_grid, **size_kwargs(self.variant))
+                pos_grid=self.pos_grid, width=self.width, depth=self.depth,
+                num_heads=self.num_heads, mlp_dim=self.mlp_dim)
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, d: dict[str, Any]) -> "ModelSpec":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"model.json has unknown fields {unknown}; known: {sorted(known)}")
+    return cls(**d)
 
 
 def grid_side(image_size: int, patch_size: int = 16) -> int:
