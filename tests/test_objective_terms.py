@@ -152,18 +152,21 @@ def np_layernorm(x, p):
 
 
 def np_cross_attention(p, q, kv, mask, heads):
-  """Pre-LN multi-head cross-attention with residual, as documented in models/heads.py."""
+  """UDI's cross-attention as documented in models/heads.py:
+  LN(LN1(q) + proj(MHA(LN1 q, LN1 kv)))."""
   d = q.shape[-1]
   hd = d // heads
   w, bias = np.asarray(p["qkv"]["kernel"]), np.asarray(p["qkv"]["bias"])
-  qq = (np_layernorm(q, p["norm1"]) @ w + bias)[:, :d].reshape(len(q), heads, hd)
+  qn = np_layernorm(q, p["norm1"])
+  qq = (qn @ w + bias)[:, :d].reshape(len(q), heads, hd)
   kvp = np_layernorm(kv, p["norm1"]) @ w + bias
   kk, vv = kvp[:, d:2 * d].reshape(len(kv), heads, hd), kvp[:, 2 * d:].reshape(len(kv), heads, hd)
   logits = np.einsum("qhc,khc->hqk", qq, kk) / math.sqrt(hd)
   if mask is not None:
     logits = np.where(mask[None], logits, -np.inf)
   out = np.einsum("hqk,khc->qhc", np_softmax(logits), vv).reshape(len(q), d)
-  return q + out @ np.asarray(p["proj"]["kernel"]) + np.asarray(p["proj"]["bias"])
+  return np_layernorm(qn + out @ np.asarray(p["proj"]["kernel"]) + np.asarray(p["proj"]["bias"]),
+                      p["norm"])
 
 
 def test_region_features_given_fixed_regions():
