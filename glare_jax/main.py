@@ -14,6 +14,7 @@ program starts `jax.distributed` when the environment asks for it (see
 from __future__ import annotations
 
 import importlib
+import logging as std_logging
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -52,15 +53,24 @@ def run_mode(config, workdir: str):
   return module.run(config, workdir)
 
 
+class _LibraryInfoFilter(std_logging.Filter):
+  """Keeps INFO chatter of orbax / tfds / jax internals out of the run's log."""
+  QUIET = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/", "/grain/")
+
+  def filter(self, record) -> bool:
+    return record.levelno >= std_logging.WARNING or not any(q in record.pathname for q in self.QUIET)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Heavy imports after flag parsing: `--help` stays fast.
   from glare_jax.train import checkpoint, distributed  # pylint: disable=g-import-not-at-top
+  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   config, workdir = _CONFIG.value, _WORKDIR.value
   distributed.initialize(config.distributed)
   checkpoint.check_config(config, workdir, allow_changes=_ALLOW_CONFIG_CHANGE.value)
-  logging.info("config:\n%s", config)
+  logging.info("config: %s/config.json", workdir)
   run_mode(config, workdir)
 
 

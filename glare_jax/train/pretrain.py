@@ -1,0 +1,193 @@
+"""Continual self-supervised pre-training: GLARE and the UDI / FLSL / DINO baselines.
+
+    python -m glare_jax.main --config=configs/loveda.py --workdir=DIR \
+        --config.init_checkpoint=CONVERTED_UDI_DIR
+
+Sections in big_vision's order: mesh -> input -> model, objective, optimizer ->
+shard & init by shape -> update step -> resume -> loop. `build` is shared with
+`glare_jax.bench`, so the benchmark times exactly this step.
+
+The state is a dict (docs/DESIGN.md, "The training loop"):
+  params    {'backbone', 'head', 'cross_attention'}: the student
+  teacher   the same tree, an EMA of params (momentum 0.996 -> 1, cosine per step)
+  opt_state optax state (frozen parameters hold none)
+  centres   {level: [K]} of the objective
+  step      int32
+  rng       jax.random key
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import optax
+
+from glare_jax.data import multicrop
+from glare_jax.models import Models, build_models, init_params
+from glare_jax.models import load as load_lib
+from glare_jax.objectives import build_objective
+from glare_jax.objectives.common import ema_momentum, ema_update
+from glare_jax.train import checkpoint, logging as metric_logging, optim, sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """Everything the loop (and the benchmark) needs, built from a config."""
+  mesh: jax.sharding.Mesh
+  models: Models
+  objective: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  shapes: Any              # the state as ShapeDtypeStructs
+  shardings: Any           # the state's NamedShardings
+  init: Callable           # (params or None, rng) -> sharded state
+  update: Callable         # (state, global batch) -> (state, metrics), jitted, state donated
+  total_steps: int
+
+
+def build(config: mlc.ConfigDict, mesh: jax.sharding.Mesh, steps_per_epoch: int) -> Trainer:
+  """Model, objective, optimizer, state shardings and the jitted update step."""
+  # --- model, objective, optimizer
+  models = build_models(config)
+  objective = build_objective(config, models, steps_per_epoch)
+  total_steps = int(config.num_epochs * steps_per_epoch)
+  param_shapes = jax.eval_shape(lambda k: init_params(models, k, config), jax.random.key(0))
+  tx, schedule = optim.build_optimizer(config.optim, param_shapes, config.batch_size,
+                                       steps_per_epoch, config.num_epochs)
+  for line in optim.describe_params(param_shapes, config.optim):
+    logging.info("%s", line)
+
+  def init_state(params, rng):
+    return dict(params=params, teacher=params, opt_state=tx.init(params),
+                centres=objective.init_centres(), step=jnp.zeros((), jnp.int32), rng=rng)
+
+  # --- shard & init by shape
+  shapes = jax.eval_shape(
+      lambda k: init_state(init_params(models, k, config), k), jax.random.key(0))
+  shardings = sharding.state_shardings(shapes, mesh, config.mesh.fsdp_rules)
+  fresh = jax.jit(lambda k: init_state(init_params(models, k, config), k),
+                  out_shardings=shardings)
+  from_params = jax.jit(init_state, in_shardings=(shardings["params"], None),
+                        out_shardings=shardings)
+
+  def init(params, rng):
+    return fresh(rng) if params is None else from_params(params, rng)
+
+  # --- update step
+  augment_on_device = config.crops.augment_on == "device"
+
+  def update(state, batch):
+    rng, step_rng, aug_rng = jax.random.split(state["rng"], 3)
+    if augment_on_device:   # uint8 sources + boxes -> rendered crops, on the accelerator
+      batch = multicrop.augment_batch_jax(aug_rng, batch, config.crops)
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    (loss, (metrics, centres)), grads = grad_fn(
+        state["params"], state["teacher"], state["centres"], batch, step_rng, state["step"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    momentum = ema_momentum(state["step"], total_steps, config.optim.ema_momentum,
+                            config.optim.ema_final)
+    teacher = ema_update(state["teacher"], params, momentum)
+    metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads),
+               "lr": schedule(state["step"]), "ema_momentum": momentum}
+    new = dict(params=params, teacher=teacher, opt_state=opt_state, centres=centres,
+               step=state["step"] + 1, rng=rng)
+    return new, metrics
+
+  update = jax.jit(update, in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  return Trainer(mesh=mesh, models=models, objective=objective, tx=tx, schedule=schedule,
+                 shapes=shapes, shardings=shardings, init=init, update=update,
+                 total_steps=total_steps)
+
+
+def initial_params(config: mlc.ConfigDict, models: Models) -> dict[str, Any] | None:
+  """The converted `config.init_checkpoint` merged into fresh parameters (host
+  arrays), or None for a fresh start. Raises before anything is written."""
+  if not config.init_checkpoint:
+    return None
+  path = pathlib.Path(config.init_checkpoint).expanduser()
+  if not (path / "model.json").exists():
+    raise FileNotFoundError(
+        f"config.init_checkpoint={str(path)!r} is not a converted checkpoint (no model.json); "
+        "convert a PyTorch file first: python -m glare_jax.convert --src FILE.pth --out DIR")
+  fresh = jax.jit(lambda k: init_params(models, k, config))(jax.random.key(config.seed))
+  try:
+    params, notes = load_lib.load_into(
+        jax.device_get(fresh), path, parts=tuple(config.init_parts),
+        drop_prefix=False, pos_resize=config.model.pos_resize)
+  except load_lib.CheckpointMismatch as e:
+    raise load_lib.CheckpointMismatch(f"{path}: {e}") from None
+  for note in notes:
+    logging.info("init_checkpoint: %s", note)
+  return params
+
+
+def _prepare_demo_if_missing(config: mlc.ConfigDict) -> None:
+  """The demo dataset is generated, so the README's first command needs no setup."""
+  if config.dataset == "demo":
+    from glare_jax.data import prepare  # pylint: disable=g-import-not-at-top
+    if jax.process_index() == 0:
+      prepare.prepare("demo", config.data_dir)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("demo data prepared")
+
+
+def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Pre-trains (or resumes) to `config.num_epochs`; returns the last logged metrics."""
+  from glare_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  # --- mesh
+  mesh = sharding.make_mesh(config.mesh)
+
+  # --- input: each process reads batch / process_count examples of its own shard
+  _prepare_demo_if_missing(config)
+  sharding.local_batch_size(config.batch_size, mesh)   # divisibility, with a clear error
+  train = pipeline.pretrain_input(config)
+  steps_per_epoch = train.steps_per_epoch
+  if steps_per_epoch < 1:
+    raise ValueError(f"{config.dataset}: {train.num_records} training records is fewer than "
+                     f"one batch of {config.batch_size}; lower config.batch_size")
+  data_iter = iter(train.dataset)
+
+  # --- model, objective, optimizer, shardings
+  t = build(config, mesh, steps_per_epoch)
+  params = initial_params(config, t.models)      # before the workdir gets any state
+  logging.info("%d records, %d steps per epoch, %d steps", train.num_records,
+               steps_per_epoch, t.total_steps)
+
+  # --- resume or init
+  last: dict[str, Any] = {}
+  with sharding.use_mesh(mesh), checkpoint.Checkpointer(
+      workdir, every_steps=config.checkpoint_every_steps,
+      keep=config.keep_checkpoints) as ckpt:
+    if ckpt.latest_step() is not None:
+      state = ckpt.restore(checkpoint.abstract_state(t.shapes, t.shardings), data_iter)
+      logging.info("resumed from step %d", int(state["step"]))
+    else:
+      state = t.init(params, jax.random.key(config.seed))
+    start = int(state["step"])
+
+    # --- loop
+    with metric_logging.MetricLogger(
+        workdir, total_steps=t.total_steps, start_step=start,
+        images_per_step=config.batch_size, log_every_steps=config.log_every_steps,
+        tensorboard=config.tensorboard) as log:
+      for step in range(start + 1, t.total_steps + 1):
+        batch = sharding.global_batch(next(data_iter), mesh)
+        state, metrics = t.update(state, batch)
+        log.record(step, metrics)
+        if ckpt.due(step) or step == t.total_steps:
+          log.flush()                      # NaN/Inf guard: a bad state is never saved
+          ckpt.save(step, state, data_iter)
+        if step == t.total_steps:
+          last = {k: float(np.asarray(v)) for k, v in metrics.items()}
+  return last
