@@ -135,7 +135,7 @@ def test_pos_grid_resampling(udi_tiny, mode):
   images = np.random.default_rng(1).normal(size=(1, 96, 96, 3)).astype(np.float32)
   ours, _ = forward(vit_from_config(config.model), merged["backbone"], images)
   source, _ = forward(load.vit_from_spec(spec, pos_resize=mode), converted["backbone"], images)
-  np.testing.assert_allclose(ours, source, atol=1e-6)
+  np.testing.assert_allclose(ours, source, atol=1e-5)
   ref, _ = tv.torch_forward(mods["vit"], images, mode)
   np.testing.assert_allclose(ours, ref, atol=1e-4)
 
@@ -163,3 +163,20 @@ def test_mask_token(tmp_path):
 def test_not_a_converted_checkpoint(tmp_path):
   with pytest.raises(FileNotFoundError, match="not a converted checkpoint"):
     load.load_converted(tmp_path)
+
+
+def test_more_prefix_tokens_than_the_checkpoint_start_fresh(udi_tiny):
+  """GLARE (needs [CLS]) on a prefix-free FLSL-style backbone: extra prefix rows
+  stay fresh, the patch rows and blocks come from the checkpoint."""
+  converted, spec, _ = udi_tiny
+  fresh = fresh_params(tiny_config(num_prefix=0))
+  no_prefix, _ = load.merge_converted(fresh, converted, spec, drop_prefix=True)
+  flsl_spec = spec.__class__(**{**spec.__dict__, "num_prefix": 0})
+  target = fresh_params(tiny_config(num_prefix=1))
+  merged, notes = load.merge_converted(target, {"backbone": no_prefix["backbone"]}, flsl_spec,
+                                       parts=("backbone",))
+  pos = merged["backbone"]["pos_embed"]
+  np.testing.assert_array_equal(pos[:, 1:], no_prefix["backbone"]["pos_embed"])
+  np.testing.assert_array_equal(pos[:, :1], target["backbone"]["pos_embed"][:, :1])
+  np.testing.assert_array_equal(merged["backbone"]["cls_token"], target["backbone"]["cls_token"])
+  assert any("extra 1 start fresh" in n for n in notes)

@@ -92,12 +92,18 @@ def _adapt_pos_embed(pos: np.ndarray, spec: ModelSpec, fresh: dict[str, Any],
     if p_c:
       notes.append(f"dropped {p_c} prefix row(s) of pos_embed and the cls_token")
     prefix = pos[:, :0]
-  elif p_t != p_c:
+  elif p_t < p_c:
     problems.append(f"backbone/pos_embed: the checkpoint has {p_c} prefix token(s), the model "
                     f"{p_t} (set model.num_prefix = {p_c}, or drop them with drop_prefix)")
     return None
   else:
+    # A model with more prefix tokens than the checkpoint (e.g. GLARE's [CLS] on an
+    # FLSL backbone, Table 3) keeps fresh position rows for the extra tokens.
     prefix = pos[:, :p_c]
+    if p_t > p_c:
+      prefix = np.concatenate([prefix, np.asarray(fresh["backbone/pos_embed"])[:, p_c:p_t]], 1)
+      notes.append(f"the checkpoint has {p_c} prefix token(s), the model {p_t}: the "
+                   f"extra {p_t - p_c} start fresh (position rows and cls_token rows)")
   g_t = math.isqrt(target[1] - p_t)
   if g_t * g_t + p_t != target[1] or d != target[2]:
     problems.append(f"backbone/pos_embed: checkpoint {pos.shape} does not fit model {target}")
@@ -144,6 +150,9 @@ def merge_converted(fresh: dict[str, Any], converted: dict[str, Any], spec: Mode
       key, value = f"{part}/{path}", np.asarray(value)
       if key == "backbone/cls_token" and drop_prefix:
         continue
+      if (key == "backbone/cls_token" and key in flat
+          and value.shape[1] < flat[key].shape[1] and value.shape[2] == flat[key].shape[2]):
+        value = np.concatenate([value, np.asarray(flat[key])[:, value.shape[1]:]], axis=1)
       if key == "backbone/mask_token" and key not in flat:
         notes.append("backbone/mask_token: the model has none (use_mask_token=False); not loaded")
         continue
