@@ -19,7 +19,9 @@ DIR is either
 
 Images are read as RGB at their own size or resized to S x S (`--size`, bicubic)
 and normalised with the ImageNet mean / std, as `glare_jax.embed` does; sides
-must be multiples of the patch size. Rendering uses Pillow only.
+must be multiples of the patch size. `--demo-images N` adds the first N scenes of
+the generated demo dataset's validation split (no files needed). Rendering uses
+Pillow only.
 """
 
 from __future__ import annotations
@@ -175,7 +177,11 @@ def attention_regions(backbone: Backbone, image: np.ndarray, seed: int = 0,
   patches), the regions drawn with `jax.random.key(seed)`.
   """
   min_p, max_p = sizes or backbone.regions
-  h, w = (s // backbone.model.patch_size for s in image.shape[:2])
+  patch = backbone.model.patch_size
+  if image.shape[0] % patch or image.shape[1] % patch:
+    raise ValueError(f"image size {image.shape[0]}x{image.shape[1]} is not a multiple of the "
+                     f"patch size {patch} (pass --size)")
+  h, w = image.shape[0] // patch, image.shape[1] // patch
   cls_attn = _cls_attention(backbone.model, backbone.params, jnp.asarray(image)[None])[0]
   starts = regions_lib.attention_starts(cls_attn)                      # [heads]
   regions = regions_lib.sample_regions(jax.random.key(seed), starts, (h, w), min_p, max_p)
@@ -256,6 +262,18 @@ def _display_pixels(image: np.ndarray) -> np.ndarray:
   return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
 
 
+def _demo_scene(index: int, size: int | None) -> np.ndarray:
+  """Validation scene `index` of the demo dataset, normalised [S, S, 3]."""
+  from glare_jax.data.builders import demo   # pylint: disable=g-import-not-at-top
+  pixels, _ = demo.example(demo.SEED, "validation", index, demo.IMAGE_SIZE)
+  image = Image.fromarray(pixels)
+  if size:
+    image = image.resize((size, size), Image.Resampling.BICUBIC)
+  x = np.asarray(image, np.float32) / 255.0
+  return (x - np.asarray(common.IMAGENET_MEAN, np.float32)) / np.asarray(common.IMAGENET_STD,
+                                                                       np.float32)
+
+
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="python -m glare_jax.visualize", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -271,29 +289,37 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--max-patches", type=int, default=None,
                   help="region side maximum (default: the run's config, else 6)")
   ap.add_argument("--panel-height", type=int, default=224, help="pixels per panel")
-  ap.add_argument("images", nargs="+", type=pathlib.Path)
+  ap.add_argument("--demo-images", type=int, default=0, metavar="N",
+                  help="add the first N validation scenes of the generated demo dataset")
+  ap.add_argument("images", nargs="*", type=pathlib.Path)
   args = ap.parse_args(argv)
+  if not args.images and args.demo_images < 1:
+    ap.error("give image files and/or --demo-images N")
   try:
     backbone = load_backbone(args.checkpoint, args.which)
     sizes = (backbone.regions[0] if args.min_patches is None else args.min_patches,
              backbone.regions[1] if args.max_patches is None else args.max_patches)
     patch = backbone.model.patch_size
+    inputs = [(p.name, lambda p=p: embed.read_images([p], args.size, patch)[0])
+              for p in args.images]
+    inputs += [(f"demo validation {i}", lambda i=i: _demo_scene(i, args.size))
+               for i in range(args.demo_images)]
     pixels, results = [], []
-    for path in args.images:
-      image = embed.read_images([path], args.size, patch)[0]   # [H, W, 3] normalised
+    for _, read in inputs:
+      image = read()                                            # [H, W, 3] normalised
       pixels.append(_display_pixels(image))
       results.append(attention_regions(backbone, image, args.seed, sizes))
   except (VisualizeError, embed.EmbedError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  figure = render(pixels, results, [p.name for p in args.images], args.panel_height)
+  figure = render(pixels, results, [name for name, _ in inputs], args.panel_height)
   args.out.parent.mkdir(parents=True, exist_ok=True)
   try:
     figure.save(args.out)
   except (OSError, ValueError) as e:
     print(f"error: {args.out}: cannot write the figure ({e})", file=sys.stderr)
     return 2
-  print(f"wrote {args.out}: {len(args.images)} image(s) x {results[0]['maps'].shape[0]} "
+  print(f"wrote {args.out}: {len(inputs)} image(s) x {results[0]['maps'].shape[0]} "
         f"heads, {backbone.description}")
   return 0
 

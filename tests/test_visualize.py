@@ -111,13 +111,15 @@ def test_cli_writes_one_row_per_image(udi, tmp_path, capsys):
     write_png(tmp_path / f"{i}.png", 50 + 10 * i, 70, i)
   out = tmp_path / "fig" / "attn.png"
   code = visualize.main(["--checkpoint", str(ckpt), "--out", str(out), "--size", "64",
-                         "--panel-height", "40", str(tmp_path / "0.png"),
-                         str(tmp_path / "1.png")])
+                         "--panel-height", "40", "--demo-images", "1",
+                         str(tmp_path / "0.png"), str(tmp_path / "1.png")])
   assert code == 0, capsys.readouterr().err
   with Image.open(out) as im:
     assert im.size == (3 * 40 + 2 * visualize.GAP,
-                       2 * (visualize.CAPTION + 40) + visualize.GAP)
-  assert "2 image(s) x 2 heads" in capsys.readouterr().out
+                       3 * (visualize.CAPTION + 40) + 2 * visualize.GAP)
+  assert "3 image(s) x 2 heads" in capsys.readouterr().out
+  with pytest.raises(SystemExit):   # nothing to draw
+    visualize.main(["--checkpoint", str(ckpt), "--out", str(out)])
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +180,9 @@ def test_errors_name_the_bad_input(udi, workdir, tmp_path, capsys):
   write_png(tmp_path / "odd.png", 30, 32, 0)
   code, err = run_cli("--checkpoint", ckpt, "--out", out, tmp_path / "odd.png", capsys=capsys)
   assert code == 2 and "multiple of the patch size" in err
+  code, err = run_cli("--checkpoint", ckpt, "--out", out, "--demo-images", "1", "--size", "40",
+                      capsys=capsys)
+  assert code == 2 and "40x40 is not a multiple of the patch size 16" in err
   code, err = run_cli("--checkpoint", tmp_path / "missing", "--out", out, good, capsys=capsys)
   assert code == 2 and "missing: no such directory" in err
   code, err = run_cli("--checkpoint", tmp_path, "--out", out, good, capsys=capsys)
