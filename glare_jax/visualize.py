@@ -141,7 +141,7 @@ def _from_workdir(workdir: pathlib.Path, which: str) -> Backbone:
 
 def load_backbone(path: str | pathlib.Path, which: str = "teacher") -> Backbone:
   """The backbone of a converted checkpoint or of a GLARE workdir (see module doc)."""
-  path = pathlib.Path(path).expanduser()
+  path = pathlib.Path(path).expanduser().absolute()   # orbax reads absolute paths only
   if (path / load.SPEC_FILE).is_file():
     params, spec = load.load_converted(path)
     if "backbone" not in params:
