@@ -13,6 +13,7 @@ from ml_collections import config_flags
 
 from conftest import REPO
 
+pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 README = (REPO / "README.md").read_text()
 # Modules the README documents that are developed separately; checked once present.
 PENDING = {"glare_jax.evaluation.multiseed"}
