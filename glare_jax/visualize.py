@@ -147,15 +147,23 @@ def load_backbone(path: str | pathlib.Path, which: str = "teacher") -> Backbone:
     if "backbone" not in params:
       raise VisualizeError(f"{path}: the converted checkpoint has no backbone")
     tag = f"{spec.source_format} {spec.which}".strip()
-    return Backbone(load.vit_from_spec(spec), params["backbone"], _default_regions(),
-                    f"{path} ({tag})")
-  if (path / "config.json").is_file():
-    return _from_workdir(path, which)
+    backbone = Backbone(load.vit_from_spec(spec), params["backbone"], _default_regions(),
+                        f"{path} ({tag})")
+  elif (path / "config.json").is_file():
+    backbone = _from_workdir(path, which)
+  else:
+    raise VisualizeError(_not_a_checkpoint(path))
+  if backbone.model.num_prefix < 1:
+    raise VisualizeError(f"{path}: the model has no [CLS] token (0 prefix tokens, e.g. FLSL), "
+                         "so there is no [CLS] -> patch attention to draw")
+  return backbone
+
+
+def _not_a_checkpoint(path: pathlib.Path) -> str:
   if not path.is_dir():
-    raise VisualizeError(f"{path}: no such directory")
-  raise VisualizeError(f"{path} is neither a converted checkpoint (no {load.SPEC_FILE}; make "
-                       "one with python -m glare_jax.convert) nor a GLARE workdir "
-                       "(no config.json)")
+    return f"{path}: no such directory"
+  return (f"{path} is neither a converted checkpoint (no {load.SPEC_FILE}; make one with "
+          "python -m glare_jax.convert) nor a GLARE workdir (no config.json)")
 
 
 # --- attention and regions -----------------------------------------------------------

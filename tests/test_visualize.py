@@ -191,6 +191,10 @@ def test_errors_name_the_bad_input(udi, workdir, tmp_path, capsys):
                       "--max-patches", "2", good, capsys=capsys)
   assert code == 2 and "min_patches <= max_patches" in err
 
+  tv.convert_file(tmp_path, tv.make_layout("flsl", tv.TINY, grid=4)[0], name="flsl")
+  code, err = run_cli("--checkpoint", tmp_path / "flsl", "--out", out, good, capsys=capsys)
+  assert code == 2 and "no [CLS] token" in err
+
   empty = tmp_path / "empty_run"
   empty.mkdir()
   (empty / "config.json").write_text((workdir[0] / "config.json").read_text())
