@@ -96,6 +96,20 @@ def test_due_keep_and_no_overwrite(tmp_path):
   never.close()
 
 
+def test_relative_workdir(tmp_path, monkeypatch):
+  """A relative --workdir (the README's `workdirs/demo`) saves and restores."""
+  monkeypatch.chdir(tmp_path)
+  state = small_state(make_mesh(fsdp=1))
+  with checkpoint.Checkpointer("runs/a", every_steps=1, keep=1) as ckpt:
+    ckpt.save(1, state)
+  assert (tmp_path / "runs/a/checkpoints/1/state").is_dir()
+  with checkpoint.Checkpointer("runs/a", every_steps=1, keep=1) as ckpt:
+    assert ckpt.latest_step() == 1
+    restored = ckpt.restore(jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+  np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+
+
 def test_unfinished_save_is_ignored_and_removed(tmp_path):
   """A crash between writing and the final rename leaves a tmp dir: not a checkpoint."""
   mesh = make_mesh()

@@ -109,7 +109,10 @@ class Checkpointer:
 
   def __init__(self, workdir: str | os.PathLike, *, every_steps: int, keep: int,
                async_save: bool = True):
-    self.directory = epath.Path(workdir) / "checkpoints"
+    path = os.fspath(workdir)
+    if "://" not in path:   # orbax refuses relative paths: `--workdir=runs/x` is common
+      path = os.path.abspath(os.path.expanduser(path))
+    self.directory = epath.Path(path) / "checkpoints"
     self.every_steps = int(every_steps)
     if jax.process_index() == 0:
       _remove_unfinished(self.directory)
