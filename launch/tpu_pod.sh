@@ -13,7 +13,8 @@
 #           finds the pod by itself), logging to ~/glare_logs/worker.log
 #   logs    fetch every worker's log into ./tpu_logs/NAME/
 #   delete  delete the slice
-# Use a gs:// or shared workdir so that every worker writes the same checkpoints.
+# Use a workdir on a file system every worker mounts (e.g. a GCS FUSE or NFS mount)
+# so that every worker writes the same checkpoints.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=launch/common.sh
