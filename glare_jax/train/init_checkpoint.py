@@ -84,21 +84,30 @@ def check_architecture(model_cfg: Any, pretrained: dict[str, Any], path: Any) ->
                              f"the fine-tuning model:\n  {lines}")
 
 
-def _restore_backbone(state_dir: pathlib.Path, key: str) -> dict[str, Any]:
-  """state[key]['backbone'] of an orbax state as NumPy arrays (nothing else is read)."""
+def read_subtree(state_dir: str | pathlib.Path, *keys: str) -> Any:
+  """state[keys[0]][keys[1]]... of an orbax state directory as NumPy arrays; only
+  that subtree is read (e.g. read_subtree(d, 'teacher', 'backbone'))."""
   import orbax.checkpoint as ocp
 
+  state_dir = pathlib.Path(state_dir).absolute()
   with ocp.PyTreeCheckpointer() as ckptr:
     tree = ckptr.metadata(state_dir).item_metadata
-    if key not in tree or "backbone" not in tree[key]:
-      raise CheckpointMismatch(f"{state_dir} has no {key}/backbone; it holds "
-                               f"{sorted(tree)}: not a GLARE pre-training state")
-    target = {key: {"backbone": jax.tree.map(lambda m: np.zeros(m.shape, m.dtype),
-                                             dict(tree[key]["backbone"]))}}
+    node = tree
+    for i, key in enumerate(keys):
+      if not hasattr(node, "keys") or key not in node:
+        have = sorted(node) if hasattr(node, "keys") else type(node).__name__
+        raise CheckpointMismatch(f"{state_dir} has no {'/'.join(keys[:i + 1])}; "
+                                 f"{'/'.join(keys[:i]) or 'the state'} holds {have}")
+      node = node[key]
+    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), dict(node))
+    for key in reversed(keys):
+      target = {key: target}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
     out = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=True))
-  return out[key]["backbone"]
+  for key in keys:
+    out = out[key]
+  return out
 
 
 def read_backbone(path: str | pathlib.Path, which: str = "teacher",
@@ -130,7 +139,8 @@ def read_backbone(path: str | pathlib.Path, which: str = "teacher",
       check_architecture(model_cfg, stored["model"], path)
     step = latest_step(path)
     logging.info("init_checkpoint: the %s backbone of %s, step %d", which, path, step)
-    backbone = _restore_backbone(path / "checkpoints" / str(step) / "state", WHICH[which])
+    backbone = read_subtree(path / "checkpoints" / str(step) / "state", WHICH[which],
+                            "backbone")
     return backbone, pretrain_spec(stored["model"], which)
   raise FileNotFoundError(
       f"init_checkpoint {path} is neither a converted checkpoint (needs {load.SPEC_FILE}) nor "
@@ -175,4 +185,4 @@ def init_backbone(config: Any, fresh: Any) -> dict[str, Any] | None:
 
 
 __all__ = ["CheckpointMismatch", "check_architecture", "fit_backbone", "init_backbone",
-           "latest_step", "pretrain_spec", "read_backbone"]
+           "latest_step", "pretrain_spec", "read_backbone", "read_subtree"]
