@@ -89,6 +89,12 @@ def describe(params: Any, config: mlc.ConfigDict) -> str:
           f"({decayed / 1e6:.2f}M weight-decayed)")
 
 
+def param_shapes(model: Any, crop: int) -> Any:
+  """The Segmenter's params as ShapeDtypeStructs (nothing is computed)."""
+  return jax.eval_shape(model.init, jax.random.key(0),
+                        jnp.zeros((1, crop, crop, 3), jnp.float32))["params"]
+
+
 def build(config: mlc.ConfigDict, mesh: jax.sharding.Mesh) -> types.SimpleNamespace:
   """Model, optimizer, state shapes / shardings and the jitted init and update.
 
@@ -99,8 +105,7 @@ def build(config: mlc.ConfigDict, mesh: jax.sharding.Mesh) -> types.SimpleNamesp
   info = datasets.get_info(config.dataset)
   model = segmenter_from_config(config, info.num_classes)
   crop = config.crop_size
-  params_shape = jax.eval_shape(model.init, jax.random.key(0),
-                                jnp.zeros((1, crop, crop, 3)))["params"]
+  params_shape = param_shapes(model, crop)
   tx, schedule = build_optimizer(config, params_shape)
 
   def init(rng, backbone):
@@ -135,9 +140,13 @@ def build(config: mlc.ConfigDict, mesh: jax.sharding.Mesh) -> types.SimpleNamesp
     return {"params": params, "batch_stats": batch_stats, "opt_state": opt_state,
             "step": state["step"] + 1, "rng": rng}, metrics
 
+  def apply(variables, images):
+    """Inference: images [B, H, W, 3] normalised -> logits [B, h, w, C]."""
+    return model.apply(variables, images, train=False)
+
   return types.SimpleNamespace(
       info=info, model=model, tx=tx, schedule=schedule, shapes=shapes, shardings=shardings,
-      params_shape=params_shape,
+      params_shape=params_shape, apply=apply,
       init=jax.jit(init, out_shardings=shardings),
       update=jax.jit(update, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                      out_shardings=(shardings, sharding.replicated(mesh)),
@@ -188,8 +197,8 @@ def evaluate(config: mlc.ConfigDict, t: types.SimpleNamespace, state: Any,
   workdir = pathlib.Path(workdir)
   variables = multihost_utils.process_allgather(
       {"params": state["params"], "batch_stats": state["batch_stats"]}, tiled=True)
-  predictor = inference.predictor_from_config(
-      config, lambda v, x: t.model.apply(v, x, train=False), variables, t.info)
+  variables = jax.device_put(variables, jax.local_devices()[0])   # once, not per image
+  predictor = inference.predictor_from_config(config, t.apply, variables, t.info)
   save_dir = workdir / "predictions" if final and config.eval.save_predictions else None
   cm = inference.evaluate(predictor, _eval_records(config), t.info, save_dir=save_dir)
   m = gather_confusion(cm).metrics()
@@ -225,11 +234,8 @@ def check(config: mlc.ConfigDict, workdir: str | os.PathLike) -> None:
   """Before the workdir is touched: a fresh run's init checkpoint must fit the
   model (raises CheckpointMismatch naming the path and the keys at fault)."""
   if config.init_checkpoint and not _has_checkpoints(workdir):
-    info = datasets.get_info(config.dataset)
-    model = segmenter_from_config(config, info.num_classes)
-    crop = config.crop_size
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, crop, crop, 3)))
-    init_checkpoint.init_backbone(config, shapes["params"]["backbone"])
+    model = segmenter_from_config(config, datasets.get_info(config.dataset).num_classes)
+    init_checkpoint.init_backbone(config, param_shapes(model, config.crop_size)["backbone"])
 
 
 def _prepare_demo(config: mlc.ConfigDict) -> None:
