@@ -292,9 +292,7 @@ def test_mismatching_checkpoint_fails_before_the_workdir_is_touched(tmp_path, da
 
 def backbone_shapes(config):
   model = segmenter.segmenter_from_config(config, len(LOVEDA_CLASSES))
-  crop = config.crop_size
-  return jax.eval_shape(model.init, jax.random.key(0),
-                        jnp.zeros((1, crop, crop, 3)))["params"]["backbone"]
+  return finetune.param_shapes(model, config.crop_size)["backbone"]
 
 
 def test_init_from_a_converted_checkpoint(converted):
