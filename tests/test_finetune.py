@@ -186,11 +186,13 @@ def test_end_to_end_kill_and_resume(tmp_path, data_dir, cache, converted):
   evaluate; a run killed at step 6 resumes from step 4 to the same bits."""
   src, backbone = converted
   init = f"--config.init_checkpoint={src}"
+  # One after the other: the later runs find the programs in the compilation cache.
   full = launch(run_args(tmp_path / "full", data_dir, init,
                          "--config.eval.save_predictions=True"), cache)
-  killed = launch(run_args(tmp_path / "crash", data_dir, init), cache, code=KILL_AT_STEP_6)
-  out_full, out_killed = finish(full, killed)
+  (out_full,) = finish(full)
   assert full.returncode == 0, out_full
+  killed = launch(run_args(tmp_path / "crash", data_dir, init), cache, code=KILL_AT_STEP_6)
+  (out_killed,) = finish(killed)
   assert killed.returncode == -9, out_killed
   crash_log = tmp_path / "crash" / "metrics.jsonl"
   assert [r["step"] for r in train_logging.read_metrics(crash_log)] == [2, 4, 6]
@@ -381,3 +383,17 @@ def test_optimizer_decays_by_name_like_mmseg():
   assert all(float(np.abs(v).max()) == 0 for k, v in flat(updates).items()
              if k.startswith("backbone/"))
   assert float(flat(updates)["head/classifier/kernel"].max()) < 0
+
+
+def test_demo_config_fine_tunes_the_demo_pretraining_backbone():
+  """configs/demo_seg.py: the seg protocol's optimizer on configs/demo.py's ViT, so
+  a demo pre-training workdir is a valid init_checkpoint."""
+  from configs import demo, demo_seg
+  c, pre = demo_seg.get_config(), demo.get_config()
+  assert "python -m glare_jax.main --config=configs/demo_seg.py" in demo_seg.__doc__
+  assert (c.mode, c.dataset, c.batch_size, c.num_seeds) == ("finetune", "demo", 16, 3)
+  assert (c.optim.lr, c.optim.weight_decay, c.optim.power) == (6e-5, 0.01, 1.0)
+  assert c.model.pos_grid * c.model.patch_size == c.crop_size
+  assert max(c.fpn.feature_blocks) < size_kwargs(c.model.variant)["depth"]
+  init_checkpoint.check_architecture(c.model, pre.model.to_dict(), "demo")
+  assert demo_seg.get_config("tiny").total_steps < c.total_steps

@@ -197,10 +197,14 @@ def evaluate(config: mlc.ConfigDict, t: types.SimpleNamespace, state: Any,
   workdir = pathlib.Path(workdir)
   variables = multihost_utils.process_allgather(
       {"params": state["params"], "batch_stats": state["batch_stats"]}, tiled=True)
-  variables = jax.device_put(variables, jax.local_devices()[0])   # once, not per image
-  predictor = inference.predictor_from_config(config, t.apply, variables, t.info)
   save_dir = workdir / "predictions" if final and config.eval.save_predictions else None
-  cm = inference.evaluate(predictor, _eval_records(config), t.info, save_dir=save_dir)
+  device = jax.local_devices()[0]
+  # A one-device mesh: the inference jits run on `device` alone, not on the
+  # training mesh (whose devices span every process).
+  with sharding.use_mesh(sharding.make_mesh(mlc.ConfigDict(dict(data=1, fsdp=1)), [device])):
+    variables = jax.device_put(variables, device)       # once, not per image
+    predictor = inference.predictor_from_config(config, t.apply, variables, t.info)
+    cm = inference.evaluate(predictor, _eval_records(config), t.info, save_dir=save_dir)
   m = gather_confusion(cm).metrics()
   if jax.process_index() == 0:
     print(f"evaluation at step {step} ({config.val_split}, {config.eval.mode}):\n"
