@@ -1,7 +1,10 @@
 """Fine-tune a pre-trained ViT-S/16 with Semantic FPN on ADE20k (20k iterations).
 
     python -m glare_jax.main --config configs/ade20k_seg.py --workdir runs/ade20k_seg \
-        --config.init_checkpoint=runs/ade20k_glare/checkpoint
+        --config.init_checkpoint=runs/ade20k_glare
+    # the paper's 3 seeds, mean and std in runs/ade20k_seg_3seeds/report.json:
+    python -m glare_jax.evaluation.multiseed --config configs/ade20k_seg.py \
+        --workdir runs/ade20k_seg_3seeds --config.init_checkpoint=runs/ade20k_glare
     python -m glare_jax.main --config configs/ade20k_seg.py:tiny --workdir /tmp/seg_tiny
 
 Protocol: batch 16, 512 crops from images resized keep-ratio to (2048, 512) x

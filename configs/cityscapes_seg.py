@@ -1,7 +1,10 @@
 """Fine-tune a pre-trained ViT-S/16 with Semantic FPN on Cityscapes (20k iterations).
 
     python -m glare_jax.main --config configs/cityscapes_seg.py --workdir runs/cityscapes_seg \
-        --config.init_checkpoint=runs/cityscapes_glare/checkpoint
+        --config.init_checkpoint=runs/cityscapes_glare
+    # the paper's 3 seeds, mean and std in runs/cityscapes_seg_3seeds/report.json:
+    python -m glare_jax.evaluation.multiseed --config configs/cityscapes_seg.py \
+        --workdir runs/cityscapes_seg_3seeds --config.init_checkpoint=runs/cityscapes_glare
     python -m glare_jax.main --config configs/cityscapes_seg.py:slide ...   # 512/341 windows
 
 Protocol: batch 16, 512 crops from images resized to (2048, 1024) x U(0.5, 2.0),

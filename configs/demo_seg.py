@@ -1,13 +1,24 @@
-"""Fine-tune on the program-generated demo dataset (5 texture classes, 256 px).
+"""Fine-tune on the program-generated demo dataset (5 texture classes, 256 px), on a laptop.
 
-    python -m glare_jax.data.prepare demo          # writes the TFDS records
-    python -m glare_jax.main --config configs/demo_seg.py --workdir runs/demo_seg
-    python -m glare_jax.main --config configs/demo_seg.py:tiny --workdir /tmp/demo_seg
+    python -m glare_jax.main --config=configs/demo_seg.py --workdir=/tmp/demo_seg
+    # from the demo pre-training run (python -m glare_jax.main --config=configs/demo.py ...):
+    python -m glare_jax.main --config=configs/demo_seg.py --workdir=/tmp/demo_seg_glare \
+        --config.init_checkpoint=/tmp/glare_demo
+    # a smoke run of a few steps:
+    python -m glare_jax.main --config=configs/demo_seg.py:tiny --workdir=/tmp/demo_seg_tiny
 
-A pipeline check, not a paper experiment: 256 px crops of images resized to
-256 x U(0.5, 2.0), 2000 steps, whole-image evaluation at 256. There is no paper
-number; the loss should fall steadily and the mIoU end far above the 20% of a
-constant prediction.
+The demo records are generated into `data_dir` on first use (or beforehand with
+`python -m glare_jax.data.prepare --dataset=demo --data_dir=...`).
+
+A pipeline check, not a paper experiment: the protocol of configs/seg_common.py
+with the `tiny_test` ViT of configs/demo.py (depth 2, width 64, adapters of 16),
+128 px crops of images resized to 256 x U(0.5, 2.0), batch 16, 500 steps (AdamW
+6e-5, poly decay, 50 warm-up steps), whole-image evaluation of the 64 validation
+images at 256 every 50 steps.
+
+Expected (randomly initialised backbone, 2 CPU cores: about 5 CPU-minutes): the
+loss falls from 1.6 to about 0.9, the final mIoU is about 70 (aAcc 83), far above
+the 20% of a constant prediction; there is no paper number.
 """
 
 from configs import seg_common
@@ -16,9 +27,18 @@ from configs import seg_common
 def get_config(arg=None):
   c = seg_common.finetune_config("demo", arg)
   if c.model.variant != "tiny_test":
-    c.crop_size = 256
+    # The pre-training demo's backbone (configs/demo.py), so its workdir can be fine-tuned.
+    c.model.variant = "tiny_test"
+    c.model.drop_path = 0.0
+    c.model.adapter_dim = 16
+    c.crop_size = 128
     c.model.pos_grid = c.crop_size // c.model.patch_size
-    c.eval.crop_size = 256
-    c.eval.stride = 171
-    seg_common.set_schedule(c, total_steps=2_000, warmup_steps=150)
+    c.fpn.feature_blocks = (0, 0, 1, 1)
+    c.fpn.neck_dim = 64
+    c.fpn.head_dim = 32
+    c.eval.crop_size = 128
+    c.eval.stride = 85
+    c.num_workers = 0
+    c.log_every_steps = 20
+    seg_common.set_schedule(c, total_steps=500, warmup_steps=50)
   return c

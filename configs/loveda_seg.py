@@ -1,11 +1,18 @@
 """Fine-tune a pre-trained ViT-S/16 with Semantic FPN on LoveDA (2k iterations).
 
     python -m glare_jax.main --config configs/loveda_seg.py --workdir runs/loveda_seg \
-        --config.init_checkpoint=runs/loveda_glare/checkpoint
+        --config.init_checkpoint=runs/loveda_glare
+    # the paper's 3 seeds, mean and std in runs/loveda_seg_3seeds/report.json:
+    python -m glare_jax.evaluation.multiseed --config configs/loveda_seg.py \
+        --workdir runs/loveda_seg_3seeds --config.init_checkpoint=runs/loveda_glare
     # baselines without adapters (original UDI / DINO / FLSL weights, HPT):
     python -m glare_jax.main --config configs/loveda_seg.py:adapter_mode=none ...
     # smoke run on CPU:
     python -m glare_jax.main --config configs/loveda_seg.py:tiny --workdir /tmp/seg_tiny
+
+init_checkpoint is a GLARE pre-training workdir (its latest teacher backbone,
+adapters included; `--config.init_which=student` for the student) or a
+converted checkpoint (python -m glare_jax.convert; use adapter_mode=none).
 
 Protocol: batch 16, 512 crops from images resized to 1024 x U(0.5, 2.0), AdamW
 6e-5, poly decay, 150 warm-up steps, 2000 steps; whole-image evaluation of the

@@ -1,7 +1,10 @@
 """Fine-tune a pre-trained ViT-S/16 with Semantic FPN on Pascal Context (20k iterations).
 
     python -m glare_jax.main --config configs/pascal_context_seg.py \
-        --workdir runs/pascal_context_seg --config.init_checkpoint=runs/pc_glare/checkpoint
+        --workdir runs/pascal_context_seg --config.init_checkpoint=runs/pc_glare
+    # the paper's 3 seeds, mean and std in runs/pascal_context_seg_3seeds/report.json:
+    python -m glare_jax.evaluation.multiseed --config configs/pascal_context_seg.py \
+        --workdir runs/pascal_context_seg_3seeds --config.init_checkpoint=runs/pc_glare
 
 Protocol: batch 16, 512 crops from images resized keep-ratio to (2048, 512) x
 U(0.5, 2.0), 60 classes (background included, labels kept as stored), AdamW

@@ -40,7 +40,11 @@ def finetune_config(dataset: str, arg: str | None = None) -> mlc.ConfigDict:
   c.data_dir = base.data_dir
   c.train_split = "train"
   c.val_split = "validation"
-  c.init_checkpoint = ""          # converted / pre-trained checkpoint; its backbone is loaded
+  # The backbone to fine-tune: a converted checkpoint (python -m glare_jax.convert) or a
+  # GLARE pre-training workdir (its latest checkpoint); '' = random init (smoke runs only).
+  c.init_checkpoint = ""
+  c.init_which = "teacher"        # of a pre-training workdir: 'teacher' (EMA, as UDI/DINO
+                                  # evaluate) or 'student'
   c.total_steps = 20_000
   c.batch_size = 16               # global batch
   c.crop_size = 512
@@ -88,13 +92,14 @@ def finetune_config(dataset: str, arg: str | None = None) -> mlc.ConfigDict:
       b1=0.9,
       b2=0.999,
       weight_decay=0.01,
-      no_decay=SEG_NO_DECAY,
+      no_decay=SEG_NO_DECAY,          # by name only: biases and BatchNorms decay (mmseg)
       power=1.0,                      # poly decay to min_lr
       min_lr=0.0,
       warmup_steps=1500,
       warmup_ratio=1e-6,              # linear warm-up from 1e-6 x the lr
       clip_grad=0.0,                  # mmseg optimizer_config=dict(): no clipping
       param_preset="full",            # everything is fine-tuned
+      param_rules=(),                 # extra (regex, 'train'|'freeze') pairs, tried first
   ))
 
   c.eval = mlc.ConfigDict(dict(

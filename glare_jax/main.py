@@ -7,8 +7,11 @@ A config file takes an argument after a colon and any field can be overridden:
 
 Run it from the repository root (config files import `configs.common`). The
 program starts `jax.distributed` when the environment asks for it (see
-`glare_jax/train/distributed.py`), keeps the config in `DIR/config.json`
-(refusing to resume under an incompatible one) and runs `config.mode`.
+`glare_jax/train/distributed.py`), lets the mode check its inputs (a mode
+module's optional `check(config, workdir)`, e.g. that fine-tuning's init
+checkpoint fits the model) before anything is written, keeps the config in
+`DIR/config.json` (refusing to resume under an incompatible one) and runs
+`config.mode`.
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def run_mode(config, workdir: str):
-  """Imports the module of `config.mode` and calls its run(config, workdir)."""
+def mode_module(config):
+  """The module of `config.mode` (imported here: each mode pulls in its own code)."""
   mode = config.get("mode")
   if mode not in MODES:
     raise ValueError(f"config.mode={mode!r} is not a known mode; known: {sorted(MODES)}")
@@ -50,7 +53,12 @@ def run_mode(config, workdir: str):
           f"config.mode={mode!r} needs the module {name}, which this installation "
           f"does not have ({e})") from e
     raise
-  return module.run(config, workdir)
+  return module
+
+
+def run_mode(config, workdir: str):
+  """Imports the module of `config.mode` and calls its run(config, workdir)."""
+  return mode_module(config).run(config, workdir)
 
 
 class _LibraryInfoFilter(std_logging.Filter):
@@ -69,9 +77,12 @@ def main(argv):
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   config, workdir = _CONFIG.value, _WORKDIR.value
   distributed.initialize(config.distributed)
+  module = mode_module(config)
+  if hasattr(module, "check"):          # bad inputs fail before the workdir is touched
+    module.check(config, workdir)
   checkpoint.check_config(config, workdir, allow_changes=_ALLOW_CONFIG_CHANGE.value)
   logging.info("config: %s/config.json", workdir)
-  run_mode(config, workdir)
+  module.run(config, workdir)
 
 
 if __name__ == "__main__":

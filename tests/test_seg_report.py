@@ -59,7 +59,7 @@ def test_report_rejects_mixed_datasets_and_bad_files(tmp_path):
 @pytest.mark.parametrize("name,dataset,steps,warmup", [
     ("loveda_seg", "loveda", 2000, 150), ("ade20k_seg", "ade20k", 20000, 1500),
     ("cityscapes_seg", "cityscapes", 20000, 1500),
-    ("pascal_context_seg", "pascal_context", 20000, 1500), ("demo_seg", "demo", 2000, 150)])
+    ("pascal_context_seg", "pascal_context", 20000, 1500)])
 def test_configs_hold_the_protocol(name, dataset, steps, warmup):
   c = importlib.import_module(f"configs.{name}").get_config()
   assert (c.mode, c.dataset, c.total_steps, c.optim.warmup_steps) == ("finetune", dataset,

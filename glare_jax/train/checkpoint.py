@@ -187,11 +187,13 @@ class Checkpointer:
 # --- the config a workdir was started with ----------------------------------------------
 
 # Fields that may change between a run and its resumption: they change how the
-# run executes, not what it computes (`init_checkpoint` is only read by a fresh
-# start; a resumed run takes its state from its own checkpoints).
+# run executes, not what it computes. `init_checkpoint` and `init_which` are only
+# read by a fresh start (a resumed run takes its state from its own checkpoints);
+# fine-tuning's `eval` settings only change the evaluations, which a resumed run
+# repeats; `num_seeds` only says how many seed runs the multi-seed program starts.
 RESUMABLE_CHANGES = ("data_dir", "num_workers", "prefetch", "log_every_steps",
                      "checkpoint_every_steps", "keep_checkpoints", "tensorboard", "mesh",
-                     "distributed", "init_checkpoint")
+                     "distributed", "init_checkpoint", "init_which", "eval", "num_seeds")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

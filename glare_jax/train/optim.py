@@ -35,24 +35,12 @@ import jax.numpy as jnp
 import optax
 
 from configs.common import PARAM_PRESETS
+from glare_jax.train.sharding import path_str  # re-exported: optim.path_str
 
 LAST_LAYER = r"head/weight_[gv]"   # DINO's `last_layer` (freeze_last_layer)
 ADAM_EPS = 1e-8                    # torch.optim.AdamW's default
 CLIP_EPS = 1e-6                    # DINO's clip_gradients: clip / (norm + 1e-6)
 LABELS = ("train", "freeze")
-
-
-def path_str(keypath: Sequence[Any]) -> str:
-  """A tree_util key path -> 'backbone/block_0/attn/qkv/kernel'."""
-  names = []
-  for k in keypath:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        names.append(str(getattr(k, attr)))
-        break
-    else:
-      names.append(str(k))
-  return "/".join(names)
 
 
 def _first_match(path: str, rules: Sequence[tuple[str, Any]]) -> tuple[int, Any] | None:
@@ -85,9 +73,12 @@ def param_labels(params: Any, rules: Sequence[tuple[str, str]]) -> Any:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def decays(path: str, ndim: int, no_decay: Sequence[str]) -> bool:
-  """Weight decay applies unless a `no_decay` pattern matches or the array is 1-D."""
-  return ndim > 1 and not any(re.fullmatch(p, path) for p in no_decay)
+def decays(path: str, ndim: int, no_decay: Sequence[str], *, decay_1d: bool = False) -> bool:
+  """Weight decay applies unless a `no_decay` pattern matches or the array is 1-D.
+
+  `decay_1d=True` drops the 1-D rule (mmseg's rule: only the names decide).
+  """
+  return (ndim > 1 or decay_1d) and not any(re.fullmatch(p, path) for p in no_decay)
 
 
 def _decay_mask(no_decay: Sequence[str]) -> Callable[[Any], Any]:
