@@ -101,8 +101,17 @@ def model_config(variant: str = "S") -> mlc.ConfigDict:
       adapter_dim=64,           # bottleneck r
       adapter_scale=0.1,        # s
       use_mask_token=False,     # set by patch_aug.kind == 'mask'
-      dtype="float32",          # compute dtype: 'float32' or 'bfloat16' (params stay fp32)
-      remat=False,
+      # Speed switches (BENCHMARKS.md says what each buys; none changes the maths beyond
+      # rounding). dtype: compute dtype of the layers, 'float32' or 'bfloat16' (params,
+      # residual stream, LayerNorm statistics, softmaxes, head logits and losses stay fp32).
+      dtype="float32",
+      # Attention of every block but the last (whose probabilities GLARE's regions
+      # need): 'explicit' (softmax written out), 'xla' or 'cudnn' (jax.nn.dot_product_
+      # attention; 'cudnn' is the fused flash kernel, GPU + bfloat16 only).
+      attention="explicit",
+      scan_blocks=False,        # blocks 0..depth-2 as one lax.scan (compile time); params stay block_{i}
+      remat=False,              # recompute block activations in the backward pass ...
+      remat_policy="nothing_saveable",  # ... saving what this jax.checkpoint_policies name keeps
   ))
 
 
