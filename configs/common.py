@@ -153,6 +153,8 @@ def crops_config() -> mlc.ConfigDict:
       max_redraws=100,
       augment_on="host",            # 'host' (grain workers) or 'device' (inside the step)
       device_image_size=512,        # 'device': images shrunk to fit, padded to this square
+      device_resample="float32",    # 'device' crop resampling: 'float32' (HIGHEST) or 'bfloat16'
+                                    # (matrix units, ~0.2/255 mean difference; multicrop.py)
   ))
 
 
