@@ -3,7 +3,8 @@
 Dataset configs (`configs/loveda.py`, ...) call `pretrain_config(...)` and set
 their dataset fields. A config argument after the colon selects switches,
 big_vision style: `configs/loveda.py:tiny` (a minutes-long run of the same
-pipeline), `configs/loveda.py:objective=udi,tiny`.
+pipeline), `configs/loveda.py:objective=udi,tiny`, `configs/loveda.py:fast` (every
+speed switch on, see `apply_fast` and BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def model_config(variant: str = "S") -> mlc.ConfigDict:
       dtype="float32",
       # Attention of every block but the last (whose probabilities GLARE's regions
       # need): 'explicit' (softmax written out), 'xla' or 'cudnn' (jax.nn.dot_product_
-      # attention; 'cudnn' is the fused flash kernel, GPU + bfloat16 only).
+      # attention; 'cudnn' is the fused flash kernel, GPU + bfloat16 only), 'auto'
+      # ('cudnn' where it runs, else 'xla').
       attention="explicit",
       scan_blocks=False,        # blocks 0..depth-2 as one lax.scan (compile time); params stay block_{i}
       remat=False,              # recompute block activations in the backward pass ...
@@ -249,7 +251,7 @@ def optim_config() -> mlc.ConfigDict:
 
 def pretrain_config(dataset: str, arg: str | None = None) -> mlc.ConfigDict:
   """The full pre-training config with the paper's defaults for `dataset`."""
-  a = parse_arg(arg, tiny=False, objective="glare", levels="all",
+  a = parse_arg(arg, tiny=False, fast=False, objective="glare", levels="all",
                 patch_aug="blur_random", regions="attention6")
   c = mlc.ConfigDict()
   c.mode = "pretrain"
@@ -265,6 +267,11 @@ def pretrain_config(dataset: str, arg: str | None = None) -> mlc.ConfigDict:
   c.batch_size = 512              # global batch; independent of the device count
   c.num_workers = 8               # grain worker processes per host
   c.prefetch = 2
+  # 'device': decode each training image once and keep the uint8 sources on the
+  # accelerators (each device holds its process's shard, glare_jax/data/device_cache.py);
+  # the host then sends only record indices and views. Needs crops.augment_on='device';
+  # LoveDA's 2522 tiles take 2.0 GB per device at crops.device_image_size=512.
+  c.data_cache = "none"
 
   c.model = model_config("S")
   c.head = head_config()
@@ -301,6 +308,8 @@ def pretrain_config(dataset: str, arg: str | None = None) -> mlc.ConfigDict:
   apply_ablations(c, levels=a.levels, patch_aug=a.patch_aug, regions=a.regions)
   if a.tiny:
     apply_tiny(c)
+  if a.fast:
+    apply_fast(c)
   return c
 
 
@@ -317,6 +326,22 @@ def apply_ablations(c: mlc.ConfigDict, *, levels: str = "all",
   g.patch_aug.kind, g.patch_aug.placement = PATCH_AUGS[patch_aug]
   c.model.use_mask_token = g.patch_aug.kind == "mask"
   g.regions.sampling, g.regions.num_regions = REGION_SAMPLINGS[regions]
+
+
+def apply_fast(c: mlc.ConfigDict) -> None:
+  """Every speed switch of BENCHMARKS.md (`configs/loveda.py:fast`): the same
+  objective and augmentation, computed faster. bf16 compute (fp32 parameters,
+  residual stream, softmaxes, logits and losses), fused attention, scanned and
+  rematerialised blocks, augmentation on the device from sources decoded once
+  into device memory, their resampling on the matrix units."""
+  c.model.dtype = "bfloat16"
+  c.model.attention = "auto"
+  c.model.scan_blocks = True
+  c.model.remat = True
+  c.model.remat_policy = "dots_with_no_batch_dims_saveable"
+  c.crops.augment_on = "device"
+  c.crops.device_resample = "bfloat16"
+  c.data_cache = "device"
 
 
 def apply_tiny(c: mlc.ConfigDict) -> None:

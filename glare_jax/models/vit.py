@@ -88,7 +88,7 @@ class Mlp(nn.Module):
     return dense(d, "fc2")(x)
 
 
-ATTENTION_IMPLS = ("explicit", "xla", "cudnn")
+ATTENTION_IMPLS = ("explicit", "xla", "cudnn", "auto")
 
 
 class Attention(nn.Module):
@@ -97,7 +97,8 @@ class Attention(nn.Module):
   impl: 'explicit' computes softmax(q k^T / sqrt(hd)) itself and also returns those
   probabilities [B, H, T, T]; 'xla' / 'cudnn' call `jax.nn.dot_product_attention`
   with that implementation (cuDNN's fused flash attention needs a GPU and bf16/fp16)
-  and return None for the probabilities, which they never materialise.
+  and return None for the probabilities, which they never materialise; 'auto' is
+  'cudnn' on a GPU with a 16-bit dtype, else 'xla'.
   """
   num_heads: int
   dtype: Any = jnp.float32
@@ -117,8 +118,12 @@ class Attention(nn.Module):
       attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # [B, H, T, T]
       out = jnp.einsum("bhqk,bkhc->bqhc", attn.astype(self.dtype), v)
     else:
+      impl = self.impl
+      if impl == "auto":
+        half = jnp.dtype(self.dtype) in (jnp.bfloat16, jnp.float16)
+        impl = "cudnn" if half and jax.default_backend() == "gpu" else "xla"
       attn = None
-      out = jax.nn.dot_product_attention(q, k, v, scale=hd ** -0.5, implementation=self.impl)
+      out = jax.nn.dot_product_attention(q, k, v, scale=hd ** -0.5, implementation=impl)
     out = nn.Dense(d, dtype=self.dtype, kernel_init=trunc_normal, name="proj")(
         out.reshape(b, t, d))
     return out, attn

@@ -188,7 +188,7 @@ class Checkpointer:
 # start; a resumed run takes its state from its own checkpoints).
 RESUMABLE_CHANGES = ("data_dir", "num_workers", "prefetch", "log_every_steps",
                      "checkpoint_every_steps", "keep_checkpoints", "tensorboard", "mesh",
-                     "distributed", "init_checkpoint")
+                     "distributed", "init_checkpoint", "data_cache")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -29,7 +29,7 @@ import ml_collections as mlc
 import numpy as np
 import optax
 
-from glare_jax.data import multicrop
+from glare_jax.data import device_cache, multicrop
 from glare_jax.models import Models, build_models, init_params
 from glare_jax.models import load as load_lib
 from glare_jax.objectives import build_objective
@@ -48,7 +48,8 @@ class Trainer:
   shapes: Any              # the state as ShapeDtypeStructs
   shardings: Any           # the state's NamedShardings
   init: Callable           # (params or None, rng) -> sharded state
-  update: Callable         # (state, global batch) -> (state, metrics), jitted, state donated
+  update: Callable         # (state, global batch, cache) -> (state, metrics), jitted, state
+                           # donated; cache: the device_cache array (data_cache='device') or None
   total_steps: int
 
 
@@ -82,9 +83,14 @@ def build(config: mlc.ConfigDict, mesh: jax.sharding.Mesh, steps_per_epoch: int)
 
   # --- update step
   augment_on_device = config.crops.augment_on == "device"
+  device_cache.check_config(config)
+  cached = config.data_cache == "device"
 
-  def update(state, batch):
+  def update(state, batch, cache):
     rng, step_rng, aug_rng = jax.random.split(state["rng"], 3)
+    if cached:              # the sources of this batch's records, from the device cache
+      batch = {**{k: v for k, v in batch.items() if k != "index"},
+               "image": device_cache.gather(cache, batch["index"], mesh)}
     if augment_on_device:   # uint8 sources + boxes -> rendered crops, on the accelerator
       batch = multicrop.augment_batch_jax(aug_rng, batch, config.crops)
     grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -101,7 +107,9 @@ def build(config: mlc.ConfigDict, mesh: jax.sharding.Mesh, steps_per_epoch: int)
                step=state["step"] + 1, rng=rng)
     return new, metrics
 
-  update = jax.jit(update, in_shardings=(shardings, sharding.batch_sharding(mesh)),
+  cache_sharding = device_cache.cache_sharding(mesh) if cached else None
+  update = jax.jit(update,
+                   in_shardings=(shardings, sharding.batch_sharding(mesh), cache_sharding),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
   return Trainer(mesh=mesh, models=models, objective=objective, tx=tx, schedule=schedule,
                  shapes=shapes, shardings=shardings, init=init, update=update,
@@ -157,6 +165,11 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     raise ValueError(f"{config.dataset}: {train.num_records} training records is fewer than "
                      f"one batch of {config.batch_size}; lower config.batch_size")
   data_iter = iter(train.dataset)
+  cache = None                    # data_cache='device': this process's sources, decoded once
+  if train.cache_images is not None:
+    cache = device_cache.put(train.cache_images, mesh, train.cache_rows)
+    logging.info("device cache: %s uint8 (%.2f GB per device)", cache.shape,
+                 cache.nbytes / cache.shape[0] / 1e9)
 
   # --- model, objective, optimizer, shardings
   t = build(config, mesh, steps_per_epoch)
@@ -183,7 +196,7 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
         tensorboard=config.tensorboard) as log:
       for step in range(start + 1, t.total_steps + 1):
         batch = sharding.global_batch(next(data_iter), mesh)
-        state, metrics = t.update(state, batch)
+        state, metrics = t.update(state, batch, cache)
         log.record(step, metrics)
         if ckpt.due(step) or step == t.total_steps:
           log.flush()                      # NaN/Inf guard: a bad state is never saved
