@@ -26,6 +26,8 @@ Modes:
          'device') and compiling. Reports seconds per epoch of `--records` records
          and the wall time of `config.num_epochs` epochs, data included.
   input  the input path alone (next batch + transfer, waited for), no step.
+  compile  step mode's compile and XLA's cost and memory analyses only, no step
+         (what BENCHMARKS.md's CPU estimates for the full-size model come from).
 
 `--profile=DIR` writes a jax.profiler trace of 3 steps (step mode) to DIR.
 """
@@ -45,7 +47,8 @@ import numpy as np
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file with its argument, e.g. configs/loveda.py:fast")
-_MODE = flags.DEFINE_enum("mode", "step", ["step", "epoch", "input"], "What to time.")
+_MODE = flags.DEFINE_enum("mode", "step", ["step", "epoch", "input", "compile"],
+                         "What to time.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling (step mode).")
 _BATCH = flags.DEFINE_integer("batch", 0, "Global batch size (0: config.batch_size).")
@@ -176,7 +179,8 @@ def run(config) -> dict[str, Any]:
   mesh = sharding.make_mesh(config.mesh)
   sharding.local_batch_size(config.batch_size, mesh)
   mode = _MODE.value
-  train, cache, cache_s = _input(config, mesh, records, side, fill_cache=mode != "step")
+  train, cache, cache_s = _input(config, mesh, records, side,
+                                 fill_cache=mode in ("epoch", "input"))
   data_iter = iter(train.dataset)
   next_batch = lambda: sharding.global_batch(next(data_iter), mesh)
   out = {"mode": mode, **_describe(config, jax), "records": train.num_records}
@@ -203,6 +207,8 @@ def run(config) -> dict[str, Any]:
   out.update(compile_s=round(t2 - t0, 2), lower_s=round(t1 - t0, 2),
              **_analyses(update, config.batch_size))
 
+  if mode == "compile":
+    return {**out, "img_per_s": None, "step_ms": None, "peak_mem_gb": _peak_memory_gb(jax)}
   if mode == "step":
     for i in range(_WARMUP.value):
       state, metrics = update(state, batches[i % 2], cache)
