@@ -162,6 +162,11 @@ def crops_config() -> mlc.ConfigDict:
 
 def glare_config() -> mlc.ConfigDict:
   return mlc.ConfigDict(dict(
+      # Speed switch: run the projection head and the losses over chunks of this
+      # many images (0: the whole batch at once), recomputing each chunk in the
+      # backward pass. Same sums; the [rows, K = 8192] float32 logits of one chunk
+      # instead of the batch's are alive at a time (~0.2 GB per image otherwise).
+      head_chunk_size=0,
       # Per-term weights; Table 5's rows are these switched to 0.
       w_glob=1.0,
       w_reg=1.0,
@@ -332,16 +337,18 @@ def apply_fast(c: mlc.ConfigDict) -> None:
   """Every speed switch of BENCHMARKS.md (`configs/loveda.py:fast`): the same
   objective and augmentation, computed faster. bf16 compute (fp32 parameters,
   residual stream, softmaxes, logits and losses), fused attention, scanned and
-  rematerialised blocks, augmentation on the device from sources decoded once
-  into device memory, their resampling on the matrix units."""
+  rematerialised blocks, the head and losses in chunks of 32 images, augmentation
+  on the device from sources decoded once into device memory, their resampling
+  on the matrix units."""
   c.model.dtype = "bfloat16"
   c.model.attention = "auto"
   c.model.scan_blocks = True
   c.model.remat = True
-  c.model.remat_policy = "dots_with_no_batch_dims_saveable"
+  c.model.remat_policy = "nothing_saveable"   # batch 512 in 80 GB (BENCHMARKS.md)
   c.crops.augment_on = "device"
   c.crops.device_resample = "bfloat16"
   c.data_cache = "device"
+  c.glare.head_chunk_size = 32
 
 
 def apply_tiny(c: mlc.ConfigDict) -> None:

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -42,3 +43,11 @@ def test_unknown_dataset_size_is_explained():
   r = bench("--config=configs/ade20k.py:tiny", "--steps=1")
   assert r.returncode != 0
   assert "give --records and --source_size" in r.stderr
+
+
+def test_gpu_script_is_valid_bash():
+  script = REPO / "scripts" / "gpu_bench.sh"
+  assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+  if shutil.which("shellcheck"):
+    out = subprocess.run(["shellcheck", "-x", str(script)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout

@@ -105,27 +105,42 @@ def test_bad_switches_are_named():
     jax.eval_shape(ViT(**KW, remat=True, remat_policy="all").apply, {"params": params}, images)
 
 
+@functools.cache
+def glare_value_and_grad(dtype="float32", head_chunk_size=0):
+  """GLARE's loss, metrics, new centres and gradients on test_objectives' batch of 4,
+  random weights (the same for every variant). Random regions: attention-aware
+  starts are an argmax that bf16 rounding may move (another, equally valid draw)."""
+  from test_objectives import make_batch  # pylint: disable=g-import-not-at-top
+  config = cfgs.pretrain_config("loveda", "tiny,regions=random3")
+  config.model.dtype = dtype
+  config.glare.head_chunk_size = head_chunk_size
+  models = build_models(config)
+  objective = build_objective(config, models, steps_per_epoch=4)
+  shapes = jax.eval_shape(lambda k: init_params(models, k, config), jax.random.key(0))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: jnp.asarray(0.1 * rng.normal(size=s.shape), jnp.float32),
+                        shapes)
+  fn = jax.jit(jax.value_and_grad(objective, has_aux=True), compiler_options=FAST_COMPILE)
+  (loss, (metrics, centres)), grads = fn(params, params, objective.init_centres(),
+                                         make_batch(config, batch_size=4), jax.random.key(1), 3)
+  return loss, metrics, centres, grads
+
+
+def test_glare_head_in_chunks_gives_the_same_step():
+  """head_chunk_size=2 (two chunks, each recomputed in the backward pass): the same
+  loss, terms, diagnostics, centres and gradients as the whole batch at once."""
+  ref = glare_value_and_grad()
+  out = glare_value_and_grad(head_chunk_size=2)
+  assert set(out[1]) == set(ref[1])
+  assert_trees_close(out, ref, rtol=2e-5, atol=1e-6)
+
+
 def test_bfloat16_glare_objective_is_close_to_float32():
   """model.dtype='bfloat16' through the whole GLARE objective: loss, terms and
   gradients agree with float32 to bf16 precision; loss, terms and centres stay
-  float32. Random regions: attention-aware starts are an argmax that rounding may
-  move (a different, equally valid draw)."""
-  from test_objectives import make_batch  # pylint: disable=g-import-not-at-top
-  results = []
-  for dtype in ("float32", "bfloat16"):
-    config = cfgs.pretrain_config("loveda", "tiny,regions=random3")
-    config.model.dtype = dtype
-    models = build_models(config)
-    objective = build_objective(config, models, steps_per_epoch=4)
-    shapes = jax.eval_shape(lambda k: init_params(models, k, config), jax.random.key(0))
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda s: jnp.asarray(0.1 * rng.normal(size=s.shape), jnp.float32),
-                          shapes)
-    fn = jax.jit(jax.value_and_grad(objective, has_aux=True), compiler_options=FAST_COMPILE)
-    (loss, (metrics, centres)), grads = fn(params, params, objective.init_centres(),
-                                           make_batch(config), jax.random.key(1), 3)
-    results.append((loss, metrics, centres, grads))
-  (l32, m32, c32, g32), (l16, m16, c16, g16) = results
+  float32."""
+  l32, m32, c32, g32 = glare_value_and_grad()
+  l16, m16, c16, g16 = glare_value_and_grad("bfloat16")
   assert l16.dtype == jnp.float32 and all(c.dtype == jnp.float32 for c in c16.values())
   for k in ("loss/glob", "loss/reg", "loss/loc1", "loss/loc2"):
     assert m16[k].dtype == jnp.float32
