@@ -3,7 +3,8 @@
 Dataset configs (`configs/loveda.py`, ...) call `pretrain_config(...)` and set
 their dataset fields. A config argument after the colon selects switches,
 big_vision style: `configs/loveda.py:tiny` (a minutes-long run of the same
-pipeline), `configs/loveda.py:objective=udi,tiny`.
+pipeline), `configs/loveda.py:objective=udi,tiny`, `configs/loveda.py:fast` (every
+speed switch on, see `apply_fast` and BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -101,8 +102,18 @@ def model_config(variant: str = "S") -> mlc.ConfigDict:
       adapter_dim=64,           # bottleneck r
       adapter_scale=0.1,        # s
       use_mask_token=False,     # set by patch_aug.kind == 'mask'
-      dtype="float32",          # compute dtype: 'float32' or 'bfloat16' (params stay fp32)
-      remat=False,
+      # Speed switches (BENCHMARKS.md says what each buys; none changes the maths beyond
+      # rounding). dtype: compute dtype of the layers, 'float32' or 'bfloat16' (params,
+      # residual stream, LayerNorm statistics, softmaxes, head logits and losses stay fp32).
+      dtype="float32",
+      # Attention of every block but the last (whose probabilities GLARE's regions
+      # need): 'explicit' (softmax written out), 'xla' or 'cudnn' (jax.nn.dot_product_
+      # attention; 'cudnn' is the fused flash kernel, GPU + bfloat16 only), 'auto'
+      # ('cudnn' where it runs, else 'xla').
+      attention="explicit",
+      scan_blocks=False,        # blocks 0..depth-2 as one lax.scan (compile time); params stay block_{i}
+      remat=False,              # recompute block activations in the backward pass ...
+      remat_policy="nothing_saveable",  # ... saving what this jax.checkpoint_policies name keeps
   ))
 
 
@@ -144,11 +155,18 @@ def crops_config() -> mlc.ConfigDict:
       max_redraws=100,
       augment_on="host",            # 'host' (grain workers) or 'device' (inside the step)
       device_image_size=512,        # 'device': images shrunk to fit, padded to this square
+      device_resample="float32",    # 'device' crop resampling: 'float32' (HIGHEST) or 'bfloat16'
+                                    # (matrix units, ~0.2/255 mean difference; multicrop.py)
   ))
 
 
 def glare_config() -> mlc.ConfigDict:
   return mlc.ConfigDict(dict(
+      # Speed switch: run the projection head and the losses over chunks of this
+      # many images (0: the whole batch at once), recomputing each chunk in the
+      # backward pass. Same sums; the [rows, K = 8192] float32 logits of one chunk
+      # instead of the batch's are alive at a time (~0.2 GB per image otherwise).
+      head_chunk_size=0,
       # Per-term weights; Table 5's rows are these switched to 0.
       w_glob=1.0,
       w_reg=1.0,
@@ -238,7 +256,7 @@ def optim_config() -> mlc.ConfigDict:
 
 def pretrain_config(dataset: str, arg: str | None = None) -> mlc.ConfigDict:
   """The full pre-training config with the paper's defaults for `dataset`."""
-  a = parse_arg(arg, tiny=False, objective="glare", levels="all",
+  a = parse_arg(arg, tiny=False, fast=False, objective="glare", levels="all",
                 patch_aug="blur_random", regions="attention6")
   c = mlc.ConfigDict()
   c.mode = "pretrain"
@@ -254,6 +272,11 @@ def pretrain_config(dataset: str, arg: str | None = None) -> mlc.ConfigDict:
   c.batch_size = 512              # global batch; independent of the device count
   c.num_workers = 8               # grain worker processes per host
   c.prefetch = 2
+  # 'device': decode each training image once and keep the uint8 sources on the
+  # accelerators (each device holds its process's shard, glare_jax/data/device_cache.py);
+  # the host then sends only record indices and views. Needs crops.augment_on='device';
+  # LoveDA's 2522 tiles take 2.0 GB per device at crops.device_image_size=512.
+  c.data_cache = "none"
 
   c.model = model_config("S")
   c.head = head_config()
@@ -290,6 +313,8 @@ def pretrain_config(dataset: str, arg: str | None = None) -> mlc.ConfigDict:
   apply_ablations(c, levels=a.levels, patch_aug=a.patch_aug, regions=a.regions)
   if a.tiny:
     apply_tiny(c)
+  if a.fast:
+    apply_fast(c)
   return c
 
 
@@ -306,6 +331,24 @@ def apply_ablations(c: mlc.ConfigDict, *, levels: str = "all",
   g.patch_aug.kind, g.patch_aug.placement = PATCH_AUGS[patch_aug]
   c.model.use_mask_token = g.patch_aug.kind == "mask"
   g.regions.sampling, g.regions.num_regions = REGION_SAMPLINGS[regions]
+
+
+def apply_fast(c: mlc.ConfigDict) -> None:
+  """Every speed switch of BENCHMARKS.md (`configs/loveda.py:fast`): the same
+  objective and augmentation, computed faster. bf16 compute (fp32 parameters,
+  residual stream, softmaxes, logits and losses), fused attention, scanned and
+  rematerialised blocks, the head and losses in chunks of 32 images, augmentation
+  on the device from sources decoded once into device memory, their resampling
+  on the matrix units."""
+  c.model.dtype = "bfloat16"
+  c.model.attention = "auto"
+  c.model.scan_blocks = True
+  c.model.remat = True
+  c.model.remat_policy = "nothing_saveable"   # batch 512 in 80 GB (BENCHMARKS.md)
+  c.crops.augment_on = "device"
+  c.crops.device_resample = "bfloat16"
+  c.data_cache = "device"
+  c.glare.head_chunk_size = 32
 
 
 def apply_tiny(c: mlc.ConfigDict) -> None:

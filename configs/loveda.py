@@ -7,6 +7,8 @@ Command (one host, 8 GPUs; the global batch 512 does not depend on the device co
 
 `init_checkpoint` is a UDI checkpoint converted with `python -m glare_jax.convert`.
 Smoke test of the same pipeline (minutes, CPU): `--config=configs/loveda.py:tiny`.
+Every speed switch on (bf16, fused attention, device augmentation from a device
+cache, ...; the same objective): `--config=configs/loveda.py:fast` (BENCHMARKS.md).
 Baselines: `configs/loveda.py:objective=udi` (UDI -> UDI), `:objective=flsl`.
 
 Hardware (paper): 8x NVIDIA A100 80GB, 100 epochs of the 2522 training tiles in

@@ -386,6 +386,43 @@ def test_host_and_device_renderers_agree_on_loveda(render_jax, loveda_sample):
     assert diff.mean() < 0.5, (k, diff.mean())
 
 
+def test_device_resampling_equals_jax_scale_and_translate():
+  """`resized_crops_jax` (float32) is jax.image.scale_and_translate's antialiased
+  Keys cubic with the box convention, for up- and downscaled boxes."""
+  image = textured_image(*RENDER_HW)
+  boxes = np.array([[20, 30, 180, 150], [60, 10, 140, 190], [100, 60, 120, 90],
+                    [0, 0, 256, 200], [200, 20, 240, 60]], np.float32)
+  ours = jax.jit(lambda im, b: mc.resized_crops_jax(im, b, 48))(image, boxes)
+  for box, crop in zip(boxes, np.asarray(ours)):
+    x0, y0, x1, y1 = box
+    scale = jnp.array([48 / (y1 - y0), 48 / (x1 - x0)])
+    ref = jax.image.scale_and_translate(
+        jnp.asarray(image, jnp.float32) / 255.0, (48, 48, 3), (0, 1), scale,
+        -jnp.array([y0, x0]) * scale, method="cubic", antialias=True,
+        precision=jax.lax.Precision.HIGHEST)
+    np.testing.assert_allclose(crop, np.clip(ref, 0, 1), atol=1e-5)
+
+
+def test_bfloat16_resampling_is_close_and_padding_is_ignored():
+  """'bfloat16' resampling stays within a fraction of a grey level of 'float32';
+  the zero padding right/below the valid (h, w) never leaks into a crop."""
+  image = textured_image(*RENDER_HW)
+  rng = np.random.default_rng(3)
+  cfg = tiny_cfg()
+  boxes = np.concatenate([mc.sample_boxes(rng, image.shape[:2], cfg) for _ in range(4)])
+  render = jax.jit(mc.resized_crops_jax, static_argnums=(2, 4))
+  exact = np.asarray(render(image, boxes, 40, None, "float32")) * 255
+  fast = np.asarray(render(image, boxes, 40, None, "bfloat16")) * 255
+  diff = np.abs(fast - exact)
+  assert diff.mean() < 0.3 and diff.max() < 2.0, (diff.mean(), diff.max())
+  padded = np.zeros((256, 300, 3), np.uint8)
+  padded[:200, :256] = image
+  inside = np.asarray(render(padded, boxes, 40, np.array([200, 256]), "float32")) * 255
+  np.testing.assert_allclose(inside, exact, atol=1e-3)
+  leaked = np.asarray(render(padded, boxes, 40, None, "float32")) * 255  # without image_hw
+  assert np.abs(leaked - exact).max() > 1.0  # boxes touching the border pick up the zeros
+
+
 def test_flipped_view_mirrors_unflipped():
   cfg = tiny_cfg()
   image = textured_image(90, 120)

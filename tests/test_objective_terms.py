@@ -133,17 +133,17 @@ def test_loc2_bilinear_targets_and_masking():
   s_l, c = RNG.normal(size=(b, nl, 4, k)), RNG.normal(size=k)
   obj = glare.GlareObjective(models=None, student_temp=T_S, teacher_temp=T_T, warmup_teacher_temp=T_T,
                              warmup_teacher_temp_epochs=0, center_momentum=0.9, steps_per_epoch=1)
-  loss, matched = jax.jit(lambda *a: obj._loc2(*a, (4, 4), (2, 2), c, T_T),
-                          compiler_options=FAST_COMPILE)(
-      s_g, s_l, t_p, jnp.asarray(boxes), jnp.asarray(flips))
+  total, matched = jax.jit(lambda *a: obj._loc2(*a, (4, 4), (2, 2), c, T_T),
+                           compiler_options=FAST_COMPILE)(
+      s_g, s_l, t_p, jnp.asarray(boxes), jnp.asarray(flips))  # sum of H, matched pairs
   g = lambda x: x[:, :2]
   cg = jax.tree.map(np.asarray, corr.match_patches(g(boxes), g(flips), 4, boxes[:, 1::-1], flips[:, 1::-1], 4))
   cl = jax.tree.map(np.asarray, corr.match_patches(boxes[:, 2:, None], flips[:, 2:, None], 2,
                                                    g(boxes)[:, None], g(flips)[:, None], 4))
   want, count = np_loc2(s_g, s_l, t_p, cg, cl, c)
   assert 0 < count < cg.valid.size + cl.valid.size  # some patches are outside (box 4 of image 0)
-  np.testing.assert_allclose(loss, want, rtol=1e-5)
-  np.testing.assert_allclose(matched, count / (cg.valid.size + cl.valid.size), rtol=1e-6)
+  np.testing.assert_allclose(total / matched, want, rtol=1e-5)
+  np.testing.assert_allclose(matched, count, rtol=1e-6)
 
 
 def np_layernorm(x, p):

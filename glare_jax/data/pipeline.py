@@ -29,6 +29,10 @@ Pre-training elements (batched to [B, ...]; docs/DESIGN.md):
     image_hw [2] int32: the (h, w) of the image inside the padding,
     boxes [V, 4] f32 (in the pixels of that (h, w) image), flips [V] bool;
     the step draws the photometric parameters and renders the crops.
+  ... and data_cache == 'device': the images are decoded once, before the first
+    batch (`TrainInput.cache_images`, for glare_jax/data/device_cache.py), and
+    `image` is replaced by index [] int32, the record's row in that cache; the
+    same records in the same order with the same views.
 Segmentation training elements: {image [H, W, 3] uint8, label [H, W] uint8}
 after `transform(image, label, rng)`; batching needs it to return fixed sizes.
 Evaluation elements (one whole image at a time, not batched):
@@ -48,17 +52,14 @@ import jax
 import ml_collections as mlc
 import numpy as np
 from PIL import Image
-import tensorflow_datasets as tfds
 
-from glare_jax.data import builders
+from glare_jax.data import device_cache
 from glare_jax.data import multicrop
-from glare_jax.data.builders import common
+from glare_jax.data.codec import decode_image, decode_label
 
 # (image, label, rng) -> (image, label); e.g. glare_jax.data.seg_transforms.
 Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator],
                      tuple[np.ndarray, np.ndarray]]
-
-_RAW = {"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,10 @@ class TrainInput:
   num_records: int            # records in the (fraction of the) split, all processes
   batch_size: int             # per process
   steps_per_epoch: int        # num_records // global batch size
+  # data_cache='device': this process's sources [N_p, D, D, 3] uint8 in shard order
+  # (for device_cache.put) and the rows every process pads its shard to.
+  cache_images: np.ndarray | None = None
+  cache_rows: int = 0
 
 
 # ----------------------------------------------------------------------------
@@ -78,6 +83,10 @@ class TrainInput:
 def open_split(dataset: str, data_dir: os.PathLike | str, split: str
                ) -> Sequence[dict[str, Any]]:
   """Random access to a prepared split: records {image, label: bytes, file_name}."""
+  # Imported here: only reading prepared records needs tfds (a pipeline fed with
+  # in-memory records does not).
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from glare_jax.data import builders  # pylint: disable=g-import-not-at-top
   builder = builders.get_builder(dataset, data_dir)
   if not builder.is_prepared():
     manual = "" if dataset == "demo" else " --manual_dir=PATH"
@@ -89,7 +98,8 @@ def open_split(dataset: str, data_dir: os.PathLike | str, split: str
   if split.isidentifier() and split not in splits:
     raise ValueError(f"dataset {dataset!r} in {builder.data_dir} has no split "
                      f"{split!r}; prepared splits: {splits}")
-  return builder.as_data_source(split, decoders=_RAW)
+  raw = {"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()}
+  return builder.as_data_source(split, decoders=raw)
 
 
 def subset_indices(num_records: int, fraction: float, seed: int) -> np.ndarray:
@@ -139,12 +149,43 @@ class _PretrainExample:
 
   def __call__(self, position: int, record: int) -> dict[str, Any]:
     rng = np.random.default_rng([self.seed, position // self.epoch_len, int(record)])
-    image = common.decode_image(self.source[int(record)]["image"])   # [H, W, 3]
+    image = decode_image(self.source[int(record)]["image"])   # [H, W, 3]
     if self.crops.augment_on == "device":
       image, hw = fit_image(image, self.crops.device_image_size)
       out = multicrop.augment_record(image, rng, self.crops, image_hw=hw)
       return {**out, "image_hw": np.asarray(hw, np.int32)}
     return multicrop.augment_record(image, rng, self.crops)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FittedImage:
+  """One record decoded and fitted for the device cache (as `_PretrainExample` ships it)."""
+  source: Sequence[dict[str, Any]]
+  size: int
+
+  def __call__(self, record: int) -> dict[str, np.ndarray]:
+    image, hw = fit_image(decode_image(self.source[int(record)]["image"]), self.size)
+    return {"image": image, "image_hw": np.asarray(hw, np.int32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _ViewsExample:
+  """Per-record work when the sources live on the device (data_cache='device'):
+  the views of `_PretrainExample`'s device mode, from the same generator, and the
+  record's position in the cache instead of its pixels."""
+  shard: np.ndarray       # [N_p] record ids, in cache order
+  image_hw: np.ndarray    # [N_p, 2] (h, w) of each cached image
+  crops: mlc.ConfigDict
+  seed: int
+  epoch_len: int
+
+  def __call__(self, position: int, index: int) -> dict[str, Any]:
+    record = int(self.shard[index])
+    rng = np.random.default_rng([self.seed, position // self.epoch_len, record])
+    hw = (int(self.image_hw[index, 0]), int(self.image_hw[index, 1]))
+    views = multicrop.sample_views(rng, hw, self.crops)
+    return {"index": np.int32(index), "image_hw": np.asarray(hw, np.int32),
+            "boxes": views["boxes"], "flips": views["flips"]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,8 +198,8 @@ class _SegmentationExample:
   def __call__(self, position: int, record: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([self.seed, position // self.epoch_len, int(record)])
     raw = self.source[int(record)]
-    image = common.decode_image(raw["image"])    # [H, W, 3] uint8
-    label = common.decode_label(raw["label"])    # [H, W] uint8
+    image = decode_image(raw["image"])    # [H, W, 3] uint8
+    label = decode_label(raw["label"])    # [H, W] uint8
     if self.transform is not None:
       image, label = self.transform(image, label, rng)
     return {"image": image, "label": label}
@@ -170,8 +211,8 @@ class _EvalExample:
 
   def __call__(self, record: int) -> dict[str, Any]:
     raw = self.source[int(record)]
-    return {"image": common.decode_image(raw["image"]),
-            "label": common.decode_label(raw["label"]),
+    return {"image": decode_image(raw["image"]),
+            "label": decode_label(raw["label"]),
             "file_name": raw["file_name"].decode()}
 
 
@@ -200,38 +241,92 @@ def _finish(ds: grain.MapDataset, num_workers: int, prefetch: int
   return out
 
 
-def _train_input(config: mlc.ConfigDict, split: str, fraction: float,
-                 make_example, process_index: int | None,
-                 process_count: int | None) -> TrainInput:
+def _process_shard(config: mlc.ConfigDict, split: str, fraction: float, source,
+                   process_index: int | None, process_count: int | None):
+  """(source, ids of the fraction, this process's shard of them, per-process batch)."""
   index, count = _processes(process_index, process_count)
   if config.batch_size % count:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
                      f"{count} processes")
   batch = config.batch_size // count
-  source = open_split(config.dataset, config.data_dir, split)
+  if source is None:
+    source = open_split(config.dataset, config.data_dir, split)
   subset_seed = config.train_fraction_seed if fraction < 1.0 else 0
   ids = subset_indices(len(source), fraction, subset_seed)
   shard = shard_indices(ids, index, count)
   if len(shard) < batch:
     raise ValueError(f"{config.dataset} {split} gives this process {len(shard)} "
                      f"records, fewer than its batch of {batch}")
-  ds = grain.MapDataset.source(shard).shuffle(seed=config.seed).repeat(None)
-  ds = ds.map_with_index(make_example(source, len(shard)))
-  ds = ds.batch(batch, drop_remainder=True)
+  return source, ids, shard, batch
+
+
+def _batches(config: mlc.ConfigDict, values: np.ndarray, work, batch: int,
+             num_records: int, **extra) -> TrainInput:
+  """Shuffled (per epoch), repeated, per-record `work(position, value)`, batched."""
+  ds = grain.MapDataset.source(values).shuffle(seed=config.seed).repeat(None)
+  ds = ds.map_with_index(work).batch(batch, drop_remainder=True)
   return TrainInput(dataset=_finish(ds, config.num_workers, config.prefetch),
-                    num_records=len(ids), batch_size=batch,
-                    steps_per_epoch=len(ids) // config.batch_size)
+                    num_records=num_records, batch_size=batch,
+                    steps_per_epoch=num_records // config.batch_size, **extra)
 
 
-def pretrain_input(config: mlc.ConfigDict, *, process_index: int | None = None,
+def _train_input(config: mlc.ConfigDict, split: str, fraction: float,
+                 make_example, process_index: int | None,
+                 process_count: int | None, source=None) -> TrainInput:
+  source, ids, shard, batch = _process_shard(config, split, fraction, source,
+                                             process_index, process_count)
+  return _batches(config, shard, make_example(source, len(shard)), batch, len(ids))
+
+
+def decode_fitted(source: Sequence[dict[str, Any]], records: np.ndarray, size: int,
+                  num_workers: int = 0, prefetch: int = 2
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """Records decoded once and fitted into size x size (`fit_image`), in order.
+
+  Returns images [N, size, size, 3] uint8 and image_hw [N, 2] int32; the decoding
+  runs in `num_workers` processes if > 0.
+  """
+  images = np.zeros((len(records), size, size, 3), np.uint8)
+  image_hw = np.zeros((len(records), 2), np.int32)
+  ds = grain.MapDataset.source(np.asarray(records)).map(_FittedImage(source, size))
+  for i, example in enumerate(_finish(ds, num_workers, prefetch)):
+    images[i], image_hw[i] = example["image"], example["image_hw"]
+  return images, image_hw
+
+
+def views_input(config: mlc.ConfigDict, shard: np.ndarray, image_hw: np.ndarray,
+                num_records: int, batch: int, **cache) -> TrainInput:
+  """Batches of {index [B], image_hw [B, 2], boxes [B, V, 4], flips [B, V]} over
+  sources already on the device (data_cache='device'): the records, their order
+  and their views are those `pretrain_input` gives without the cache."""
+  work = _ViewsExample(np.asarray(shard), np.asarray(image_hw, np.int32), config.crops,
+                       config.seed, len(shard))
+  return _batches(config, np.arange(len(shard)), work, batch, num_records, **cache)
+
+
+def pretrain_input(config: mlc.ConfigDict, *, source: Sequence[dict[str, Any]] | None = None,
+                   process_index: int | None = None,
                    process_count: int | None = None) -> TrainInput:
   """Multi-crop batches of `config.train_split` (fields: see pretrain_config).
 
-  `process_index` / `process_count` default to jax.process_index() / count().
+  `source`: records {image: encoded bytes} to read instead of the prepared split
+  (default: `open_split(config.dataset, ...)`). `process_index` / `process_count`
+  default to jax.process_index() / count(). With `config.data_cache = 'device'` the
+  process's shard is decoded here once (`cache_images`) and the batches carry
+  record indices into it (`views_input`).
   """
+  device_cache.check_config(config)
+  split, fraction = config.train_split, config.train_fraction
+  if config.data_cache == "device":
+    source, ids, shard, batch = _process_shard(config, split, fraction, source,
+                                               process_index, process_count)
+    images, image_hw = decode_fitted(source, shard, config.crops.device_image_size,
+                                     config.num_workers, config.prefetch)
+    count = _processes(process_index, process_count)[1]
+    return views_input(config, shard, image_hw, len(ids), batch, cache_images=images,
+                       cache_rows=device_cache.rows_per_process(len(ids), count))
   make = lambda source, n: _PretrainExample(source, config.crops, config.seed, n)
-  return _train_input(config, config.train_split, config.train_fraction, make,
-                      process_index, process_count)
+  return _train_input(config, split, fraction, make, process_index, process_count, source)
 
 
 def segmentation_input(config: mlc.ConfigDict, transform: Transform | None, *,

@@ -36,6 +36,7 @@ def vit_from_config(mc: mlc.ConfigDict, **overrides: Any) -> ViT:
       pos_resize=mc.pos_resize, drop_path=mc.drop_path, adapter_mode=mc.adapter_mode,
       adapter_dim=mc.adapter_dim, adapter_scale=mc.adapter_scale,
       use_mask_token=mc.use_mask_token, remat=mc.remat, dtype=DTYPES[mc.dtype],
+      remat_policy=mc.remat_policy, scan_blocks=mc.scan_blocks, attention=mc.attention,
       **size_kwargs(mc.variant))
   kw.update(overrides)
   return ViT(**kw)

@@ -46,7 +46,10 @@ class ProjectionHead(nn.Module):
     v = self.param("weight_v", trunc_normal, (self.bottleneck_dim, self.out_dim))
     g = self.param("weight_g", nn.initializers.ones, (self.out_dim,))
     kernel = v * (g / jnp.linalg.norm(v, axis=0))[None, :]
-    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)).astype(jnp.float32)
+    # Logits leave in float32 even under bf16 compute: the teacher divides them by
+    # T_t = 0.04, which would magnify bf16's output rounding (2^-9) 25-fold.
+    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype),
+                   preferred_element_type=jnp.float32)
 
 
 class CrossAttention(nn.Module):

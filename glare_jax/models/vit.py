@@ -88,22 +88,44 @@ class Mlp(nn.Module):
     return dense(d, "fc2")(x)
 
 
+ATTENTION_IMPLS = ("explicit", "xla", "cudnn", "auto")
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention that also returns its softmax probabilities."""
+  """Multi-head self-attention.
+
+  impl: 'explicit' computes softmax(q k^T / sqrt(hd)) itself and also returns those
+  probabilities [B, H, T, T]; 'xla' / 'cudnn' call `jax.nn.dot_product_attention`
+  with that implementation (cuDNN's fused flash attention needs a GPU and bf16/fp16)
+  and return None for the probabilities, which they never materialise; 'auto' is
+  'cudnn' on a GPU with a 16-bit dtype, else 'xla'.
+  """
   num_heads: int
   dtype: Any = jnp.float32
+  impl: str = "explicit"
 
   @nn.compact
   def __call__(self, x):  # x: [B, T, D]
+    if self.impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention implementation {self.impl!r}: use one of {ATTENTION_IMPLS}")
     b, t, d = x.shape
     hd = d // self.num_heads
     qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=trunc_normal, name="qkv")(x)
     qkv = qkv.reshape(b, t, 3, self.num_heads, hd)  # rows [q; k; v], head-major
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, hd]
-    logits = jnp.einsum("bqhc,bkhc->bhqk", q * (hd ** -0.5), k)
-    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # [B, H, T, T]
-    out = jnp.einsum("bhqk,bkhc->bqhc", attn.astype(self.dtype), v).reshape(b, t, d)
-    out = nn.Dense(d, dtype=self.dtype, kernel_init=trunc_normal, name="proj")(out)
+    if self.impl == "explicit":
+      logits = jnp.einsum("bqhc,bkhc->bhqk", q * (hd ** -0.5), k)
+      attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # [B, H, T, T]
+      out = jnp.einsum("bhqk,bkhc->bqhc", attn.astype(self.dtype), v)
+    else:
+      impl = self.impl
+      if impl == "auto":
+        half = jnp.dtype(self.dtype) in (jnp.bfloat16, jnp.float16)
+        impl = "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+      attn = None
+      out = jax.nn.dot_product_attention(q, k, v, scale=hd ** -0.5, implementation=impl)
+    out = nn.Dense(d, dtype=self.dtype, kernel_init=trunc_normal, name="proj")(
+        out.reshape(b, t, d))
     return out, attn
 
 
@@ -131,6 +153,15 @@ class Adapter(nn.Module):
     return self.scale * h
 
 
+def drop_path(x: Array, key: Array, rate) -> Array:
+  """Per-sample stochastic depth, DINO's drop_path: each sample of x [B, ...] is
+  zeroed with probability `rate`, else scaled by 1 / (1 - rate). `rate` may be a
+  traced scalar (scanned blocks each have their own)."""
+  keep = 1.0 - jnp.asarray(rate, jnp.float32)
+  mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
+
+
 class Block(nn.Module):
   """Pre-norm transformer block with an optional adapter.
 
@@ -138,24 +169,30 @@ class Block(nn.Module):
     'none'       x = x + Attn(LN1 x);              x = x + MLP(LN2 x)
     'sequential' y = Attn(LN1 x); x = x + y + A(y); x = x + MLP(LN2 x)   (paper eq. 3)
     'parallel'   x = x + Attn(LN1 x); x = x + MLP(LN2 x) + A(LN x)       (UniAdapter)
+
+  The residual stream keeps the dtype of `x` (float32 in the ViT); the branches
+  compute in `dtype`.
   """
   num_heads: int
   mlp_dim: int
-  drop_path: float = 0.0
   adapter_mode: str = "sequential"
   adapter_dim: int = 64
   adapter_scale: float = 0.1
   dtype: Any = jnp.float32
-
-  def _drop_path(self, x, deterministic):
-    # Per-sample stochastic depth, scaled by 1 / keep_prob like DINO's drop_path.
-    return nn.Dropout(self.drop_path, broadcast_dims=(1, 2))(x, deterministic=deterministic)
+  attention: str = "explicit"   # see Attention.impl
 
   @nn.compact
-  def __call__(self, x, train: bool = False):  # x: [B, T, D]
-    det = not train or self.drop_path == 0.0
+  def __call__(self, x, drop_key: Array | None = None, drop_rate=0.0):
+    """x: [B, T, D] -> (x, attention probabilities [B, H, T, T] or None).
+
+    With `drop_key` (training) each branch is dropped per sample with
+    probability `drop_rate` (stochastic depth); without it the block is deterministic.
+    """
+    keys = (None, None) if drop_key is None else jax.random.split(drop_key)
+    drop = lambda z, k: z if k is None else drop_path(z, k, drop_rate)
     ln = lambda name: nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name=name)
-    y, attn = Attention(self.num_heads, dtype=self.dtype, name="attn")(ln("norm1")(x))
+    y, attn = Attention(self.num_heads, dtype=self.dtype, impl=self.attention,
+                        name="attn")(ln("norm1")(x))
     adapter = None
     if self.adapter_mode != "none":
       adapter = Adapter(self.adapter_dim, self.adapter_scale,
@@ -165,12 +202,16 @@ class Block(nn.Module):
       y = y + adapter(y)
     elif self.adapter_mode not in ("none", "parallel"):
       raise ValueError(f"unknown adapter_mode {self.adapter_mode!r}")
-    x = x + self._drop_path(y, det)
+    x = x + drop(y, keys[0])
     z = Mlp(self.mlp_dim, dtype=self.dtype, name="mlp")(ln("norm2")(x))
     if self.adapter_mode == "parallel":
       z = z + adapter(x)
-    x = x + self._drop_path(z, det)
+    x = x + drop(z, keys[1])
     return x, attn
+
+
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "everything_saveable")
 
 
 class ViT(nn.Module):
@@ -182,7 +223,16 @@ class ViT(nn.Module):
     pos_resize: 'dino' or 'size' (see `resize_pos_grid`).
     drop_path: maximum stochastic-depth rate (linear over depth).
     use_mask_token: learn a [MASK] embedding that replaces masked patches (iBOT-style).
-    dtype: compute dtype; parameters stay float32.
+    dtype: compute dtype of the layers; parameters, the residual stream, LayerNorm
+      statistics and softmaxes stay float32.
+    attention: implementation of every block but the last ('explicit', 'xla',
+      'cudnn'; see `Attention`). The last block always runs 'explicit': its
+      probabilities are returned in `aux['attn']`.
+    scan_blocks: run blocks 0 .. depth-2 as one `jax.lax.scan` (one compiled body
+      instead of depth - 1 copies). The parameters stay `block_{i}`: they are
+      stacked for the scan inside the forward pass. Same outputs as unrolled.
+    remat: recompute each block's activations in the backward pass, keeping what
+      `remat_policy` (a `jax.checkpoint_policies` name) saves.
   """
   patch_size: int = 16
   width: int = 384
@@ -198,6 +248,9 @@ class ViT(nn.Module):
   adapter_scale: float = 0.1
   use_mask_token: bool = False
   remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  scan_blocks: bool = False
+  attention: str = "explicit"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -209,7 +262,7 @@ class ViT(nn.Module):
     x = nn.Conv(d, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
                 padding="VALID", dtype=self.dtype, name="patch_embed")(images.astype(self.dtype))
     _, h, w, _ = x.shape
-    x = x.reshape(b, h * w, d)  # [B, N, D], row-major (h, then w)
+    x = x.reshape(b, h * w, d).astype(jnp.float32)  # [B, N, D], row-major (h, then w)
 
     if self.use_mask_token:
       mask_token = self.param("mask_token", nn.initializers.zeros, (d,))
@@ -227,17 +280,53 @@ class ViT(nn.Module):
       prefix = (cls + pos[:, :p]).astype(x.dtype)
       x = jnp.concatenate([jnp.broadcast_to(prefix, (b, p, d)), x], axis=1)
 
-    dpr = [self.drop_path * i / max(self.depth - 1, 1) for i in range(self.depth)]
-    block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
-    blocks, attn = [], None
-    for i in range(self.depth):
-      x, attn = block_cls(self.num_heads, self.mlp_dim, dpr[i], self.adapter_mode,
-                          self.adapter_dim, self.adapter_scale, self.dtype,
-                          name=f"block_{i}")(x, train)
-      blocks.append(x)
-    tokens = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm")(x)
-    aux = dict(blocks=tuple(blocks), attn=attn, grid=(h, w), num_prefix=p)
+    blocks, attn = self._blocks(x, train)
+    tokens = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm")(blocks[-1])
+    aux = dict(blocks=blocks, attn=attn, grid=(h, w), num_prefix=p)
     return tokens, aux
+
+  def _blocks(self, x: Array, train: bool) -> tuple[tuple[Array, ...], Array]:
+    """The depth blocks on x [B, T, D] -> (each block's output, last block's attention)."""
+    depth = self.depth
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy {self.remat_policy!r}: use one of {REMAT_POLICIES}")
+    policy = getattr(jax.checkpoint_policies, self.remat_policy)
+    rates = [self.drop_path * i / max(depth - 1, 1) for i in range(depth)]
+    keys = None  # [depth] per-block stochastic-depth keys, the same scanned or unrolled
+    if train and self.drop_path > 0:
+      root = self.make_rng("dropout")
+      keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.arange(depth))
+    kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, adapter_mode=self.adapter_mode,
+              adapter_dim=self.adapter_dim, adapter_scale=self.adapter_scale, dtype=self.dtype)
+
+    blocks = []
+    num_scanned = depth - 1 if self.scan_blocks and not self.is_initializing() else 0
+    if num_scanned > 0:
+      params = self.variables["params"]
+      stacked = jax.tree.map(lambda *a: jnp.stack(a),
+                             *(params[f"block_{i}"] for i in range(num_scanned)))
+      block = Block(**kw, attention=self.attention, parent=None)
+
+      def body(x, inputs):
+        p, key, rate = inputs
+        x, _ = block.apply({"params": p}, x, key, rate)
+        return x, x
+
+      if self.remat:
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+      xs = (stacked, None if keys is None else keys[:num_scanned],
+            jnp.asarray(rates[:num_scanned], jnp.float32))
+      x, outs = jax.lax.scan(body, x, xs)  # outs [depth - 1, B, T, D]
+      blocks.extend(outs[i] for i in range(num_scanned))
+
+    block_cls = nn.remat(Block, policy=policy) if self.remat else Block
+    attn = None
+    for i in range(num_scanned, depth):
+      impl = "explicit" if i == depth - 1 else self.attention
+      x, attn = block_cls(**kw, attention=impl, name=f"block_{i}")(
+          x, None if keys is None else keys[i], rates[i])
+      blocks.append(x)
+    return tuple(blocks), attn
 
 
 def cls_patch_attention(attn: Array, num_prefix: int) -> Array:
@@ -296,6 +385,7 @@ def param_count(tree: Any) -> int:
 
 
 __all__: Sequence[str] = (
-    "ViT", "Block", "Attention", "Adapter", "Mlp", "resize_pos_grid",
+    "ViT", "Block", "Attention", "Adapter", "Mlp", "resize_pos_grid", "drop_path",
+    "ATTENTION_IMPLS", "REMAT_POLICIES",
     "cls_patch_attention", "size_kwargs", "ModelSpec", "SIZES", "grid_side",
     "param_count")

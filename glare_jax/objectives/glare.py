@@ -177,39 +177,87 @@ class GlareObjective(common.ObjectiveBase):
       t_parts.append(z_t)
       metrics["reg/kept"] = jnp.mean(kept)
 
-    # --- one head call per network.
-    s_out = common.apply_head(self.models.head, student_params["head"], s_parts)
-    t_out = common.apply_head(self.models.head, teacher_params["head"], t_parts)
-    t_out = [jax.lax.stop_gradient(x) for x in t_out]
-    s_cls = jnp.concatenate(s_out[:2], axis=1)  # [B, G + L, K]
-    t_cls = t_out[0]                            # [B, G, K]
+    # --- the head on every token set and the loss terms, as sums over images: over
+    # the whole batch at once, or in chunks of `head_chunk_size` images, each
+    # recomputed in the backward pass, so that only one chunk's [rows, K] logits,
+    # probabilities and their gradients are alive at a time (the same sums).
+    inputs = dict(s_parts=s_parts, t_parts=t_parts, boxes=boxes, flips=flips, cells=cells,
+                  reg_mask=reg_mask if w.w_reg > 0 else None)
+    head_sums = lambda inp: self._head_sums(student_params["head"], teacher_params["head"],
+                                            centres, inp, t_temp, t.grid, s_l.grid)
+    size = w.head_chunk_size
+    if 0 < size < b:
+      if b % size:
+        raise ValueError(f"config.glare.head_chunk_size={size} does not divide the batch of {b}")
+      chunks = b // size
+      # Chunk c holds images c, c + chunks, ...: a data-parallel batch split into
+      # contiguous per-device blocks splits into chunks without moving between devices.
+      split = lambda x: jnp.swapaxes(x.reshape(b // chunks, chunks, *x.shape[1:]), 0, 1)
+      sums = jax.lax.map(jax.checkpoint(head_sums), jax.tree.map(split, inputs))
+      sums = jax.tree.map(lambda x: jnp.sum(x, 0), sums)
+    else:
+      sums = head_sums(inputs)
 
     new = dict(centres)
     terms = {}
+    n = t.grid[0] * t.grid[1]
     if w.w_glob > 0:
-      terms["glob"] = glob_loss(s_cls, t_cls, centres["global"], t_temp, s_temp)
-      new["global"] = common.update_centre(
-          centres["global"], common.masked_vector_mean(t_cls), self.center_momentum)
+      terms["glob"] = sums["glob"] / b
+      new["global"] = common.update_centre(centres["global"], sums["c_global"] / (b * g),
+                                           self.center_momentum)
     if w.w_loc1 > 0 or w.w_loc2 > 0:
-      s_gp, s_lp, t_p = s_out[2], s_out[3], t_out[1]  # [B,G,N,K], [B,L,n,K], [B,G,N,K]
-      c = centres["local"]
       if self.use_loc1:
-        terms["loc1"] = loc1_loss(s_gp, t_p, cells, c, t_temp, s_temp)
+        terms["loc1"] = sums["loc1"] / (b * g)
         metrics["loc1/distorted"] = jnp.mean(cells)
       if w.w_loc2 > 0:
-        terms["loc2"], metrics["loc2/matched"] = self._loc2(
-            s_gp, s_lp, t_p, boxes, flips, t.grid, s_l.grid, c, t_temp)
-      new["local"] = common.update_centre(c, common.masked_vector_mean(t_p), self.center_momentum)
+        possible = b * g * (n + l_img.shape[1] * s_l.grid[0] * s_l.grid[1])
+        terms["loc2"] = sums["loc2"] / jnp.maximum(sums["loc2_count"], 1.0)
+        metrics["loc2/matched"] = sums["loc2_count"] / possible
+      new["local"] = common.update_centre(centres["local"], sums["c_local"] / (b * g * n),
+                                          self.center_momentum)
     if w.w_reg > 0:
-      z_s_out, z_t_out = s_out[-1], t_out[-1]  # [B, G, M, S, K]
-      terms["reg"] = reg_loss(z_s_out, z_t_out, reg_mask, centres["region"], t_temp, s_temp)
-      new["region"] = common.update_centre(
-          centres["region"], common.masked_vector_mean(z_t_out, reg_mask), self.center_momentum)
+      count = jnp.maximum(sums["reg_count"], 1.0)
+      terms["reg"] = sums["reg"] / count
+      new["region"] = common.update_centre(centres["region"], sums["c_region"] / count,
+                                           self.center_momentum)
 
     weights = {"glob": w.w_glob, "reg": w.w_reg, "loc1": w.w_loc1, "loc2": w.w_loc2}
     loss = sum(weights[k] * v for k, v in terms.items())
     metrics.update({f"loss/{k}": v for k, v in terms.items()})
     return loss, (metrics, new)
+
+  def _head_sums(self, sp_head, tp_head, centres, inp, t_temp, g_grid, l_grid):
+    """The head on the token sets of `inp` (a batch or a chunk of b images) and each
+    term's sum over those images: glob (b x mean), loc1 (b G x mean), loc2 and reg
+    (sums and counts), and the sums of teacher outputs the centres move towards."""
+    w, s_temp = self.glare, self.student_temp
+    s_out = common.apply_head(self.models.head, sp_head, inp["s_parts"])
+    t_out = common.apply_head(self.models.head, tp_head, inp["t_parts"])
+    t_out = [jax.lax.stop_gradient(x) for x in t_out]
+    s_cls = jnp.concatenate(s_out[:2], axis=1)  # [b, G + L, K]
+    t_cls = t_out[0]                            # [b, G, K]
+    b, g = t_cls.shape[:2]
+    rows = lambda x: jnp.sum(x.reshape(-1, x.shape[-1]), 0)  # [..., K] -> [K]
+    out = {}
+    if w.w_glob > 0:
+      out["glob"] = b * glob_loss(s_cls, t_cls, centres["global"], t_temp, s_temp)
+      out["c_global"] = rows(t_cls)
+    if w.w_loc1 > 0 or w.w_loc2 > 0:
+      s_gp, s_lp, t_p = s_out[2], s_out[3], t_out[1]  # [b,G,N,K], [b,L,n,K], [b,G,N,K]
+      c = centres["local"]
+      if self.use_loc1:
+        out["loc1"] = b * g * loc1_loss(s_gp, t_p, inp["cells"], c, t_temp, s_temp)
+      if w.w_loc2 > 0:
+        out["loc2"], out["loc2_count"] = self._loc2(
+            s_gp, s_lp, t_p, inp["boxes"], inp["flips"], g_grid, l_grid, c, t_temp)
+      out["c_local"] = rows(t_p)
+    if w.w_reg > 0:
+      z_s_out, z_t_out = s_out[-1], t_out[-1]  # [b, G, M, S, K]
+      mask = inp["reg_mask"].astype(jnp.float32)
+      ce = common.cross_entropy(z_t_out, z_s_out, centres["region"], t_temp, s_temp)
+      out["reg"], out["reg_count"] = jnp.sum(ce * mask), jnp.sum(mask)
+      out["c_region"] = rows(z_t_out * mask[..., None])
+    return out
 
   def _regions(self, sp, tp, t: common.Views, s_g: common.Views, boxes, flips, key):
     """Student and teacher cross-attention outputs [B, G, M, S, D] of the regions."""
@@ -230,7 +278,8 @@ class GlareObjective(common.ObjectiveBase):
     return z_s, jax.lax.stop_gradient(z_t), mask, mapped.keep
 
   def _loc2(self, s_gp, s_lp, t_p, boxes, flips, g_grid, l_grid, centre, t_temp):
-    """L_loc2 over student globals (-> the other global) and locals (-> both globals)."""
+    """L_loc2 over student globals (-> the other global) and locals (-> both globals):
+    (sum of H over the matched pairs, their count)."""
     g = t_p.shape[1]
     n = g_grid[0] * g_grid[1]
     bg, fg = boxes[:, :g], flips[:, :g]
@@ -245,6 +294,4 @@ class GlareObjective(common.ObjectiveBase):
     il = corr.interpolation_matrix(cl.index, cl.weight, n)                       # [B, L, G, n, N]
     sum_l, cnt_l = loc2_sums(s_lp[:, :, None], t_p[:, None], il, cl.valid, centre, t_temp,
                              self.student_temp)
-    total = cnt_g + cnt_l
-    possible = cg.valid.size + cl.valid.size
-    return (sum_g + sum_l) / jnp.maximum(total, 1.0), total / possible
+    return sum_g + sum_l, cnt_g + cnt_l

@@ -193,7 +193,8 @@ class Checkpointer:
 # repeats; `num_seeds` only says how many seed runs the multi-seed program starts.
 RESUMABLE_CHANGES = ("data_dir", "num_workers", "prefetch", "log_every_steps",
                      "checkpoint_every_steps", "keep_checkpoints", "tensorboard", "mesh",
-                     "distributed", "init_checkpoint", "init_which", "eval", "num_seeds")
+                     "distributed", "init_checkpoint", "init_which", "eval", "num_seeds",
+                     "data_cache")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

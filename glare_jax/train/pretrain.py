@@ -29,7 +29,7 @@ import ml_collections as mlc
 import numpy as np
 import optax
 
-from glare_jax.data import multicrop
+from glare_jax.data import device_cache, multicrop
 from glare_jax.models import Models, build_models, init_params
 from glare_jax.models import load as load_lib
 from glare_jax.objectives import build_objective
@@ -48,7 +48,8 @@ class Trainer:
   shapes: Any              # the state as ShapeDtypeStructs
   shardings: Any           # the state's NamedShardings
   init: Callable           # (params or None, rng) -> sharded state
-  update: Callable         # (state, global batch) -> (state, metrics), jitted, state donated
+  update: Callable         # (state, global batch, cache) -> (state, metrics), jitted, state
+                           # donated; cache: the device_cache array (data_cache='device') or None
   total_steps: int
 
 
@@ -63,6 +64,7 @@ def build(config: mlc.ConfigDict, mesh: jax.sharding.Mesh, steps_per_epoch: int)
                                        steps_per_epoch, config.num_epochs)
   for line in optim.describe_params(param_shapes, config.optim):
     logging.info("%s", line)
+  trained = optim.param_labels(param_shapes, optim.param_rules(config.optim))
 
   def init_state(params, rng):
     return dict(params=params, teacher=params, opt_state=tx.init(params),
@@ -82,9 +84,14 @@ def build(config: mlc.ConfigDict, mesh: jax.sharding.Mesh, steps_per_epoch: int)
 
   # --- update step
   augment_on_device = config.crops.augment_on == "device"
+  device_cache.check_config(config)
+  cached = config.data_cache == "device"
 
-  def update(state, batch):
+  def update(state, batch, cache):
     rng, step_rng, aug_rng = jax.random.split(state["rng"], 3)
+    if cached:              # the sources of this batch's records, from the device cache
+      batch = {**{k: v for k, v in batch.items() if k != "index"},
+               "image": device_cache.gather(cache, batch["index"], mesh)}
     if augment_on_device:   # uint8 sources + boxes -> rendered crops, on the accelerator
       batch = multicrop.augment_batch_jax(aug_rng, batch, config.crops)
     grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -95,13 +102,19 @@ def build(config: mlc.ConfigDict, mesh: jax.sharding.Mesh, steps_per_epoch: int)
     momentum = ema_momentum(state["step"], total_steps, config.optim.ema_momentum,
                             config.optim.ema_final)
     teacher = ema_update(state["teacher"], params, momentum)
-    metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads),
+    # The norm of the trained parameters' gradients only: the frozen backbone's
+    # weight gradients then feed nothing, and XLA drops their computation (a third
+    # of the backbone's backward pass).
+    trained_grads = jax.tree.map(lambda g, l: g if l == "train" else None, grads, trained)
+    metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(trained_grads),
                "lr": schedule(state["step"]), "ema_momentum": momentum}
     new = dict(params=params, teacher=teacher, opt_state=opt_state, centres=centres,
                step=state["step"] + 1, rng=rng)
     return new, metrics
 
-  update = jax.jit(update, in_shardings=(shardings, sharding.batch_sharding(mesh)),
+  cache_sharding = device_cache.cache_sharding(mesh) if cached else None
+  update = jax.jit(update,
+                   in_shardings=(shardings, sharding.batch_sharding(mesh), cache_sharding),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
   return Trainer(mesh=mesh, models=models, objective=objective, tx=tx, schedule=schedule,
                  shapes=shapes, shardings=shardings, init=init, update=update,
@@ -157,6 +170,11 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     raise ValueError(f"{config.dataset}: {train.num_records} training records is fewer than "
                      f"one batch of {config.batch_size}; lower config.batch_size")
   data_iter = iter(train.dataset)
+  cache = None                    # data_cache='device': this process's sources, decoded once
+  if train.cache_images is not None:
+    cache = device_cache.put(train.cache_images, mesh, train.cache_rows)
+    logging.info("device cache: %s uint8 (%.2f GB per device)", cache.shape,
+                 cache.nbytes / cache.shape[0] / 1e9)
 
   # --- model, objective, optimizer, shardings
   t = build(config, mesh, steps_per_epoch)
@@ -183,7 +201,7 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
         tensorboard=config.tensorboard) as log:
       for step in range(start + 1, t.total_steps + 1):
         batch = sharding.global_batch(next(data_iter), mesh)
-        state, metrics = t.update(state, batch)
+        state, metrics = t.update(state, batch, cache)
         log.record(step, metrics)
         if ckpt.due(step) or step == t.total_steps:
           log.flush()                      # NaN/Inf guard: a bad state is never saved

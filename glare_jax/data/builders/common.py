@@ -13,7 +13,7 @@ are 8-bit RGB PNG/JPEG (or 8-bit greyscale PNG masks) are stored byte for byte;
 anything else is decoded, converted and re-encoded as PNG with Pillow here. The
 records are written with `file_format='array_record'`, read back with
 `builder.as_data_source(split)`, and decoded with `decode_image` /
-`decode_label` below (Pillow), never by tfds' decoder (which would need
+`decode_label` (Pillow, `glare_jax/data/codec.py`), never by tfds' decoder (which would need
 TensorFlow, or OpenCV that would turn a palette mask into colours).
 
 Before anything is written, `check_pairs` decodes every image and mask once and
@@ -34,6 +34,8 @@ import numpy as np
 from PIL import Image
 
 import tensorflow_datasets as tfds
+
+from glare_jax.data.codec import decode_image, decode_label  # noqa: F401  (re-exported)
 
 # How many problems an error message lists before it summarises the rest.
 _MAX_LISTED = 20
@@ -156,18 +158,6 @@ def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
   buffer = io.BytesIO()
   Image.fromarray(array).save(buffer, format="png", compress_level=compress_level)
   return buffer.getvalue()
-
-
-def decode_image(data: bytes) -> np.ndarray:
-  """Stored image bytes -> [H, W, 3] uint8."""
-  with Image.open(io.BytesIO(data)) as im:
-    return np.asarray(im.convert("RGB"))
-
-
-def decode_label(data: bytes) -> np.ndarray:
-  """Stored label bytes -> [H, W] uint8."""
-  with Image.open(io.BytesIO(data)) as im:
-    return np.asarray(im)
 
 
 def image_bytes(path: pathlib.Path) -> bytes:
