@@ -53,7 +53,7 @@ def run_steps(config, devices, batches):
     state = t.init(None, jax.random.key(0))
     out = []
     for batch in batches:
-      state, metrics = t.update(state, sharding.global_batch(batch, mesh))
+      state, metrics = t.update(state, sharding.global_batch(batch, mesh), None)
       out.append({k: float(v) for k, v in metrics.items()})
   return out, jax.device_get(state["params"])
 
@@ -111,8 +111,20 @@ def test_a_mismatching_init_checkpoint_stops_before_the_workdir_is_touched(tmp_p
   prepare.prepare("demo", config.data_dir, num_train=8, num_validation=2, image_size=48)
   workdir = tmp_path / "run"
   with pytest.raises(load_lib.CheckpointMismatch, match=str(path)):
+    pretrain.check(config, str(workdir))     # what main runs before config.json
+  assert not workdir.exists()
+  with pytest.raises(load_lib.CheckpointMismatch, match=str(path)):
     pretrain.run(config, str(workdir))
   assert not (workdir / "checkpoints").exists()
+
+
+def test_an_unprepared_dataset_stops_before_the_workdir_is_touched(tmp_path):
+  config = tiny_config(dataset="loveda", data_dir=str(tmp_path / "empty"))
+  workdir = tmp_path / "run"
+  with pytest.raises(FileNotFoundError, match=r"(?s)'loveda' is not prepared in .*empty"
+                     r".*glare_jax.data.prepare --dataset=loveda"):
+    pretrain.check(config, str(workdir))
+  assert not workdir.exists()
 
 
 def test_init_checkpoint_must_be_a_converted_directory(tmp_path):

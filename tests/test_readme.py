@@ -15,8 +15,6 @@ from conftest import REPO
 
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 README = (REPO / "README.md").read_text()
-# Modules the README documents that are developed separately; checked once present.
-PENDING = {"glare_jax.evaluation.multiseed"}
 # Prefix tokens of the converted checkpoints the README names (docs/parity.md).
 CONVERTED_PREFIX = {"ckpt/udi_s16": 2, "ckpt/dino_s16": 1, "ckpt/flsl_s16": 0}
 ARCHITECTURE = ("variant", "patch_size", "num_prefix", "adapter_mode", "adapter_dim",
@@ -89,7 +87,7 @@ def test_every_module_exists():
   modules = {c[2] for c in PYTHON_M}
   assert {"glare_jax.main", "glare_jax.convert", "glare_jax.visualize",
           "glare_jax.data.prepare", "glare_jax.evaluation.report"} <= modules
-  missing = sorted(m for m in modules - PENDING if importlib.util.find_spec(m) is None)
+  missing = sorted(m for m in modules if importlib.util.find_spec(m) is None)
   assert not missing
 
 

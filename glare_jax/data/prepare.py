@@ -74,6 +74,20 @@ def prepare(dataset: str, data_dir: os.PathLike | str,
   return path
 
 
+def prepare_generated(dataset: str, data_dir: os.PathLike | str) -> None:
+  """A generated dataset (the demo) is written on first use, so the README's first
+  command needs no setup: process 0 writes it while the others wait. Datasets made
+  from archives are left to `python -m glare_jax.data.prepare`."""
+  if dataset != "demo":
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    prepare(dataset, data_dir)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"{dataset} dataset prepared")
+
+
 def _warn_if_resized(builder, demo_kwargs) -> None:
   """A prepared demo is kept as is; say so when other sizes were asked for."""
   asked = {"train": demo_kwargs.get("num_train", demo.NUM_TRAIN),

@@ -206,6 +206,12 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix[:-1]: d}
 
 
+def has_checkpoints(workdir: str | os.PathLike) -> bool:
+  """Whether `workdir` holds a finished checkpoint (a re-run resumes from it)."""
+  root = pathlib.Path(workdir).expanduser() / "checkpoints"
+  return root.is_dir() and any(p.name.isdigit() for p in root.iterdir())
+
+
 def check_config(config: Any, workdir: str | os.PathLike,
                  allow_changes: bool = False) -> None:
   """Keeps `workdir/config.json`; refuses to resume under an incompatible config.
@@ -218,9 +224,7 @@ def check_config(config: Any, workdir: str | os.PathLike,
   workdir = pathlib.Path(workdir)
   path = workdir / "config.json"
   new = json.loads(config.to_json())
-  has_checkpoints = (workdir / "checkpoints").is_dir() and any(
-      p.name.isdigit() for p in (workdir / "checkpoints").iterdir())
-  if path.exists() and has_checkpoints:
+  if path.exists() and has_checkpoints(workdir):
     old = _flatten(json.loads(path.read_text()))
     cur = _flatten(new)
     diff = sorted(k for k in set(old) | set(cur)

@@ -229,25 +229,12 @@ def _append_history(path: pathlib.Path, record: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------
 
 
-def _has_checkpoints(workdir: str | os.PathLike) -> bool:
-  root = pathlib.Path(workdir) / "checkpoints"
-  return root.is_dir() and any(p.name.isdigit() for p in root.iterdir())
-
-
 def check(config: mlc.ConfigDict, workdir: str | os.PathLike) -> None:
   """Before the workdir is touched: a fresh run's init checkpoint must fit the
   model (raises CheckpointMismatch naming the path and the keys at fault)."""
-  if config.init_checkpoint and not _has_checkpoints(workdir):
+  if config.init_checkpoint and not checkpoint.has_checkpoints(workdir):
     model = segmenter_from_config(config, datasets.get_info(config.dataset).num_classes)
     init_checkpoint.init_backbone(config, param_shapes(model, config.crop_size)["backbone"])
-
-
-def _prepare_demo(config: mlc.ConfigDict) -> None:
-  """The generated demo dataset is written on first use (other datasets need their
-  archives: python -m glare_jax.data.prepare)."""
-  if jax.process_index() == 0:
-    prepare.prepare("demo", config.data_dir)
-  multihost_utils.sync_global_devices("demo dataset prepared")
 
 
 def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -257,8 +244,7 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   mesh = sharding.make_mesh(config.mesh)
 
   # --- input: each process loads batch_size / process_count crops of its shard
-  if config.dataset == "demo":
-    _prepare_demo(config)
+  prepare.prepare_generated(config.dataset, config.data_dir)
   info = datasets.get_info(config.dataset)
   local_batch = sharding.local_batch_size(config.batch_size, mesh)
   train = pipeline.segmentation_input(

@@ -19,6 +19,7 @@ The state is a dict (docs/DESIGN.md, "The training loop"):
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 from typing import Any, Callable
 
@@ -143,26 +144,25 @@ def initial_params(config: mlc.ConfigDict, models: Models) -> dict[str, Any] | N
   return params
 
 
-def _prepare_demo_if_missing(config: mlc.ConfigDict) -> None:
-  """The demo dataset is generated, so the README's first command needs no setup."""
-  if config.dataset == "demo":
-    from glare_jax.data import prepare  # pylint: disable=g-import-not-at-top
-    if jax.process_index() == 0:
-      prepare.prepare("demo", config.data_dir)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices("demo data prepared")
+def check(config: mlc.ConfigDict, workdir: str | os.PathLike) -> None:
+  """Before the workdir is touched: the training split can be read, and a fresh
+  run's init checkpoint fits the model (errors name the path and the problem)."""
+  from glare_jax.data import pipeline, prepare  # pylint: disable=g-import-not-at-top
+  prepare.prepare_generated(config.dataset, config.data_dir)
+  pipeline.open_split(config.dataset, config.data_dir, config.train_split)
+  if config.init_checkpoint and not checkpoint.has_checkpoints(workdir):
+    initial_params(config, build_models(config))
 
 
 def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   """Pre-trains (or resumes) to `config.num_epochs`; returns the last logged metrics."""
-  from glare_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from glare_jax.data import pipeline, prepare  # pylint: disable=g-import-not-at-top
 
   # --- mesh
   mesh = sharding.make_mesh(config.mesh)
 
   # --- input: each process reads batch / process_count examples of its own shard
-  _prepare_demo_if_missing(config)
+  prepare.prepare_generated(config.dataset, config.data_dir)
   sharding.local_batch_size(config.batch_size, mesh)   # divisibility, with a clear error
   train = pipeline.pretrain_input(config)
   steps_per_epoch = train.steps_per_epoch
