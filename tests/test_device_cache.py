@@ -1,11 +1,14 @@
 """data_cache='device': sources decoded once and kept on the devices.
 
 The cached pipeline yields the records, order and views of the uncached device
-pipeline (and restores its position from a checkpointed state); the gather
+pipeline in one process (with several, each caches and reads only its shard),
+and restores its position from a checkpointed state; the gather
 returns each batch row's own source on every mesh layout; and one training step
 from the cache equals one step from the shipped images: same crops, same loss,
 same parameters.
 """
+
+import itertools
 
 import jax
 import numpy as np
@@ -38,13 +41,26 @@ def make_config(data_dir, cache):
   return c
 
 
-def test_cached_pipeline_gives_the_same_records_and_views(demo_dir):
-  plain = pipeline.pretrain_input(make_config(demo_dir, False), process_index=1,
-                                  process_count=2)
+def test_a_process_caches_and_reads_only_its_shard(demo_dir):
+  one = pipeline.pretrain_input(make_config(demo_dir, True), process_index=0,
+                                process_count=1)
   cached = pipeline.pretrain_input(make_config(demo_dir, True), process_index=1,
                                    process_count=2)
   assert cached.cache_images.shape == (NUM_TRAIN // 2, 48, 48, 3)
   assert cached.cache_rows == NUM_TRAIN // 2
+  np.testing.assert_array_equal(cached.cache_images, one.cache_images[1::2])
+  assert cached.batch_size == one.batch_size // 2
+  rows = np.concatenate([b["index"] for b in itertools.islice(iter(cached.dataset), 6)])
+  assert rows.min() >= 0 and rows.max() < NUM_TRAIN // 2
+
+
+def test_cached_pipeline_gives_the_same_records_and_views(demo_dir):
+  plain = pipeline.pretrain_input(make_config(demo_dir, False), process_index=0,
+                                  process_count=1)
+  cached = pipeline.pretrain_input(make_config(demo_dir, True), process_index=0,
+                                   process_count=1)
+  assert cached.cache_images.shape == (NUM_TRAIN, 48, 48, 3)
+  assert cached.cache_rows == NUM_TRAIN
   assert (cached.num_records, cached.batch_size, cached.steps_per_epoch) == (
       plain.num_records, plain.batch_size, plain.steps_per_epoch)
   a, b = iter(plain.dataset), iter(cached.dataset)

@@ -177,6 +177,17 @@ def test_each_process_sees_its_shard_once_per_epoch(demo_dir):
   assert set(seen[0]) | set(seen[1]) == set(_train_images(demo_dir))
 
 
+def test_process_slices_concatenate_to_the_one_process_batches(demo_dir):
+  """The data do not depend on the process count (two processes = one)."""
+  config = make_config(demo_dir)
+  one = _epoch(config, _noise_label, epochs=2)
+  halves = [_epoch(config, _noise_label, index=i, count=2, epochs=2) for i in range(2)]
+  for j, batch in enumerate(one):
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(
+          np.concatenate([halves[0][j][key], halves[1][j][key]]), batch[key])
+
+
 def test_epochs_are_reshuffled(demo_dir):
   batches = _epoch(make_config(demo_dir), epochs=2)
   order = [digest(im) for b in batches for im in b["image"]]
@@ -235,7 +246,7 @@ def test_bad_batch_or_missing_dataset_is_explained(demo_dir, tmp_path):
   with pytest.raises(ValueError, match="not divisible by the 3 processes"):
     pipeline.segmentation_input(make_config(demo_dir), None, process_index=0,
                                 process_count=3)
-  with pytest.raises(ValueError, match="fewer than its batch of 32"):
+  with pytest.raises(ValueError, match="24 records, fewer than one batch of 32"):
     pipeline.segmentation_input(make_config(demo_dir, batch_size=32), None,
                                 process_index=0, process_count=1)
   with pytest.raises(FileNotFoundError,

@@ -21,6 +21,7 @@ from glare_jax.models import build_models, init_params
 from glare_jax.models import load as load_lib
 from glare_jax.models.vit import ModelSpec
 from glare_jax.train import checkpoint, logging as train_logging, pretrain, sharding
+import tiny_trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -142,9 +143,9 @@ def main_command(config_arg, workdir, *overrides):
           f"--workdir={workdir}", *overrides]
 
 
-def env_for(cache_dir):
+def env_for(cache_dir, devices=1):
   return {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
-          "XLA_FLAGS": "--xla_force_host_platform_device_count=1 "
+          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
                        "--xla_backend_optimization_level=0",
           "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
@@ -155,6 +156,15 @@ TINY_DEMO = ("--config.batch_size=4", "--config.num_epochs=3", "--config.crops.g
              "--config.crops.local_size=16", "--config.crops.num_local=2",
              "--config.model.pos_grid=2", "--config.checkpoint_every_steps=2",
              "--config.tensorboard=False")
+
+
+def tiny_demo_config():
+  """The config TINY_DEMO's flags give (to restore those runs' checkpoints)."""
+  config = config_lib.pretrain_config("demo", "tiny")
+  config.batch_size, config.num_epochs = 4, 3
+  config.crops.global_size, config.crops.local_size, config.crops.num_local = 32, 16, 2
+  config.model.pos_grid = 2
+  return config
 
 
 def restore_params(config, workdir):
@@ -189,17 +199,53 @@ def test_killed_pretraining_resumes_to_the_uninterrupted_result(tmp_path):
   subprocess.run(main_command("configs/loveda.py:tiny", broken, "--config.dataset=demo",
                               *args), env=env, cwd=REPO, check=True, capture_output=True)
 
-  config = config_lib.pretrain_config("demo", "tiny")
-  config.batch_size, config.num_epochs = 4, 3
-  config.crops.global_size, config.crops.local_size, config.crops.num_local = 32, 16, 2
-  config.model.pos_grid = 2
-  step_a, params_a = restore_params(config, straight)
-  step_b, params_b = restore_params(config, broken)
+  step_a, params_a = restore_params(tiny_demo_config(), straight)
+  step_b, params_b = restore_params(tiny_demo_config(), broken)
   assert step_a == step_b == 9
   for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
     np.testing.assert_array_equal(a, b)
   logged = [r["step"] for r in train_logging.read_metrics(broken / "metrics.jsonl")]
   assert logged == sorted(set(logged)) and logged[-1] == 9
+
+
+@pytest.mark.slow
+def test_two_processes_pretrain_as_one(tmp_path):
+  """The program under jax.distributed on 127.0.0.1: 2 processes of 1 device give
+  the losses and parameters of 1 process of 2 devices (the same global batches)."""
+  data_dir = tmp_path / "tfds"
+  prepare.prepare("demo", data_dir, num_train=12, num_validation=2, image_size=48)
+  args = ("--config.dataset=demo", *TINY_DEMO, f"--config.data_dir={data_dir}")
+  port = tiny_trainer.free_port()
+  two = [subprocess.Popen(
+      main_command("configs/loveda.py:tiny", tmp_path / "two", *args,
+                   f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                   "--config.distributed.num_processes=2",
+                   f"--config.distributed.process_id={i}"),
+      env=env_for(tmp_path / f"cache_{i}"), cwd=REPO, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  try:
+    one = subprocess.run(main_command("configs/loveda.py:tiny", tmp_path / "one", *args),
+                         env=env_for(tmp_path / "cache_one", devices=2), cwd=REPO,
+                         capture_output=True, text=True)
+  finally:
+    outs = tiny_trainer.finish(*two)
+  assert one.returncode == 0, one.stderr[-3000:]
+  for p, out in zip(two, outs):
+    assert p.returncode == 0, out[-3000:]
+  assert "process 1 of 2" in outs[1]
+
+  logs = [train_logging.read_metrics(tmp_path / d / "metrics.jsonl") for d in ("one", "two")]
+  assert [r["step"] for r in logs[1]] == [r["step"] for r in logs[0]] and logs[0][-1]["step"] == 9
+  for a, b in zip(*logs):
+    for term in ("loss", "loss/glob", "loss/reg", "loss/loc1", "loss/loc2"):
+      np.testing.assert_allclose(b[term], a[term], rtol=1e-5, err_msg=f"step {a['step']} {term}")
+  _, params_one = restore_params(tiny_demo_config(), tmp_path / "one")
+  _, params_two = restore_params(tiny_demo_config(), tmp_path / "two")
+  for a, b in zip(jax.tree.leaves(params_one), jax.tree.leaves(params_two)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+  data = tmp_path / "two" / "checkpoints" / "9" / "data"
+  assert sorted(p.name for p in data.iterdir() if p.name.startswith("process_")) == [
+      "process_0-of-2.json", "process_1-of-2.json"]
 
 
 @pytest.mark.slow

@@ -18,7 +18,9 @@ device d. A batch row on device d therefore finds its source on device d: the
 gather runs per device (`jax.shard_map`) and moves no pixels between devices.
 `index` in the batch is the position in the process's shard. Every device holds
 its process's shard: rows x D^2 x 3 bytes (LoveDA's 2522 training tiles: 2.0 GB
-at D = 512, 7.9 GB at the full 1024).
+at D = 512, 7.9 GB at the full 1024). Each process visits only its own shard
+(`pipeline.GlobalOrder` over its rows), so with several processes the batches
+depend on the process count; without the cache they do not.
 """
 
 from __future__ import annotations

@@ -7,16 +7,21 @@
     it.set_state(state)                        # ... and continue exactly there
 
 Every training pipeline is the same chain: the record ids of the split (a
-deterministic `train_fraction` subset, appendix C.3) -> this process's shard
-(`ids[process_index::process_count]`: disjoint, covering, sizes within one) ->
-a seeded shuffle, re-drawn each epoch -> endless repetition -> the per-record
-work -> batches of `batch_size // process_count`. The per-record work draws
-from `numpy.random.default_rng([seed, epoch, record_id])`, so a record's
-augmentation depends only on the seed, the epoch and the record: not on the
-process layout, the worker count or the position in the stream. With
-`num_workers > 0` the work runs in that many grain worker processes (the
-per-record callables and `transform`s must be picklable); with 0, in this
-process. Either way the batches are identical.
+deterministic `train_fraction` subset, appendix C.3) -> one global stream, the
+ids in a seeded order re-drawn each epoch, endless -> global batches of
+`batch_size` consecutive stream positions, of which process p of P reads the
+p-th slice of `batch_size // P` (`GlobalOrder`) -> the per-record work. The
+processes' slices of a global batch are disjoint and, concatenated in process
+order, are the batch one process would read: the data do not depend on the
+process count. The per-record work draws from
+`numpy.random.default_rng([seed, epoch, record_id])`, so a record's augmentation
+depends only on the seed, the epoch and the record: not on the process layout,
+the worker count or the position in the stream. With `num_workers > 0` the work
+runs in that many grain worker processes (the per-record callables and
+`transform`s must be picklable); with 0, in this process. Either way the batches
+are identical. (With data_cache='device' each process orders the shard it holds
+in device memory, `ids[process_index::process_count]`, the same way; there the
+batches depend on the process count.)
 
 Pre-training elements (batched to [B, ...]; docs/DESIGN.md):
   crops.augment_on == 'host':
@@ -43,6 +48,7 @@ Labels are the dataset's own ids (reduce_zero_label is the transform's job).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Sequence
 
@@ -123,6 +129,42 @@ def shard_indices(indices: np.ndarray, process_index: int, process_count: int
   return indices[process_index::process_count]
 
 
+ENDLESS = 2**62   # the length of a stream that never ends (grain needs a __len__)
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_permutation(seed: int, num_records: int, epoch: int) -> np.ndarray:
+  """[num_records] the visiting order of `epoch` (cached: consecutive elements
+  share their epoch)."""
+  return np.random.default_rng([seed, epoch]).permutation(num_records)
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalOrder:
+  """This process's elements of the global stream, a random-access sequence.
+
+  Stream position g is record `ids[epoch_permutation(seed, N, g // N)[g % N]]`
+  (N = len(ids)); global batch j is positions [j * B, (j + 1) * B); process p
+  of P reads positions j * B + p * b ... j * B + (p + 1) * b - 1 of it
+  (b = B / P). Element k of this process -> [epoch, record id] int64.
+  """
+  ids: np.ndarray          # [N] record ids
+  seed: int
+  global_batch: int        # B
+  process_index: int = 0   # p
+  process_count: int = 1   # P
+
+  def __len__(self) -> int:
+    return ENDLESS
+
+  def __getitem__(self, k: int) -> np.ndarray:
+    b = self.global_batch // self.process_count
+    g = (k // b) * self.global_batch + self.process_index * b + k % b
+    epoch, i = divmod(g, len(self.ids))
+    order = epoch_permutation(self.seed, len(self.ids), epoch)
+    return np.asarray([epoch, self.ids[order[i]]], np.int64)
+
+
 def fit_image(image: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]]:
   """[H, W, 3] -> ([size, size, 3]: shrunk to fit if larger, zero-padded; (h, w))."""
   height, width = image.shape[:2]
@@ -145,11 +187,11 @@ class _PretrainExample:
   source: Sequence[dict[str, Any]]
   crops: mlc.ConfigDict
   seed: int
-  epoch_len: int
 
-  def __call__(self, position: int, record: int) -> dict[str, Any]:
-    rng = np.random.default_rng([self.seed, position // self.epoch_len, int(record)])
-    image = decode_image(self.source[int(record)]["image"])   # [H, W, 3]
+  def __call__(self, element: np.ndarray) -> dict[str, Any]:
+    epoch, record = (int(v) for v in element)          # a GlobalOrder element
+    rng = np.random.default_rng([self.seed, epoch, record])
+    image = decode_image(self.source[record]["image"])   # [H, W, 3]
     if self.crops.augment_on == "device":
       image, hw = fit_image(image, self.crops.device_image_size)
       out = multicrop.augment_record(image, rng, self.crops, image_hw=hw)
@@ -177,11 +219,11 @@ class _ViewsExample:
   image_hw: np.ndarray    # [N_p, 2] (h, w) of each cached image
   crops: mlc.ConfigDict
   seed: int
-  epoch_len: int
 
-  def __call__(self, position: int, index: int) -> dict[str, Any]:
+  def __call__(self, element: np.ndarray) -> dict[str, Any]:
+    epoch, index = (int(v) for v in element)           # GlobalOrder over cache rows
     record = int(self.shard[index])
-    rng = np.random.default_rng([self.seed, position // self.epoch_len, record])
+    rng = np.random.default_rng([self.seed, epoch, record])
     hw = (int(self.image_hw[index, 0]), int(self.image_hw[index, 1]))
     views = multicrop.sample_views(rng, hw, self.crops)
     return {"index": np.int32(index), "image_hw": np.asarray(hw, np.int32),
@@ -193,11 +235,11 @@ class _SegmentationExample:
   source: Sequence[dict[str, Any]]
   transform: Transform | None
   seed: int
-  epoch_len: int
 
-  def __call__(self, position: int, record: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng([self.seed, position // self.epoch_len, int(record)])
-    raw = self.source[int(record)]
+  def __call__(self, element: np.ndarray) -> dict[str, np.ndarray]:
+    epoch, record = (int(v) for v in element)          # a GlobalOrder element
+    rng = np.random.default_rng([self.seed, epoch, record])
+    raw = self.source[record]
     image = decode_image(raw["image"])    # [H, W, 3] uint8
     label = decode_label(raw["label"])    # [H, W] uint8
     if self.transform is not None:
@@ -241,30 +283,27 @@ def _finish(ds: grain.MapDataset, num_workers: int, prefetch: int
   return out
 
 
-def _process_shard(config: mlc.ConfigDict, split: str, fraction: float, source,
-                   process_index: int | None, process_count: int | None):
-  """(source, ids of the fraction, this process's shard of them, per-process batch)."""
+def _records(config: mlc.ConfigDict, split: str, fraction: float, source,
+             process_index: int | None, process_count: int | None):
+  """(source, ids of the fraction, this process's index and count, its batch)."""
   index, count = _processes(process_index, process_count)
   if config.batch_size % count:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
                      f"{count} processes")
-  batch = config.batch_size // count
   if source is None:
     source = open_split(config.dataset, config.data_dir, split)
   subset_seed = config.train_fraction_seed if fraction < 1.0 else 0
   ids = subset_indices(len(source), fraction, subset_seed)
-  shard = shard_indices(ids, index, count)
-  if len(shard) < batch:
-    raise ValueError(f"{config.dataset} {split} gives this process {len(shard)} "
-                     f"records, fewer than its batch of {batch}")
-  return source, ids, shard, batch
+  if len(ids) < config.batch_size:
+    raise ValueError(f"{config.dataset} {split}: {len(ids)} records, fewer than one "
+                     f"batch of {config.batch_size}; lower config.batch_size")
+  return source, ids, index, count, config.batch_size // count
 
 
-def _batches(config: mlc.ConfigDict, values: np.ndarray, work, batch: int,
+def _batches(config: mlc.ConfigDict, order: GlobalOrder, work, batch: int,
              num_records: int, **extra) -> TrainInput:
-  """Shuffled (per epoch), repeated, per-record `work(position, value)`, batched."""
-  ds = grain.MapDataset.source(values).shuffle(seed=config.seed).repeat(None)
-  ds = ds.map_with_index(work).batch(batch, drop_remainder=True)
+  """`work(element)` over the elements of `order`, in batches of `batch`."""
+  ds = grain.MapDataset.source(order).map(work).batch(batch, drop_remainder=True)
   return TrainInput(dataset=_finish(ds, config.num_workers, config.prefetch),
                     num_records=num_records, batch_size=batch,
                     steps_per_epoch=num_records // config.batch_size, **extra)
@@ -273,9 +312,10 @@ def _batches(config: mlc.ConfigDict, values: np.ndarray, work, batch: int,
 def _train_input(config: mlc.ConfigDict, split: str, fraction: float,
                  make_example, process_index: int | None,
                  process_count: int | None, source=None) -> TrainInput:
-  source, ids, shard, batch = _process_shard(config, split, fraction, source,
-                                             process_index, process_count)
-  return _batches(config, shard, make_example(source, len(shard)), batch, len(ids))
+  source, ids, index, count, batch = _records(config, split, fraction, source,
+                                              process_index, process_count)
+  order = GlobalOrder(ids, config.seed, config.batch_size, index, count)
+  return _batches(config, order, make_example(source), batch, len(ids))
 
 
 def decode_fitted(source: Sequence[dict[str, Any]], records: np.ndarray, size: int,
@@ -300,8 +340,9 @@ def views_input(config: mlc.ConfigDict, shard: np.ndarray, image_hw: np.ndarray,
   sources already on the device (data_cache='device'): the records, their order
   and their views are those `pretrain_input` gives without the cache."""
   work = _ViewsExample(np.asarray(shard), np.asarray(image_hw, np.int32), config.crops,
-                       config.seed, len(shard))
-  return _batches(config, np.arange(len(shard)), work, batch, num_records, **cache)
+                       config.seed)
+  order = GlobalOrder(np.arange(len(shard)), config.seed, batch)   # this process's rows
+  return _batches(config, order, work, batch, num_records, **cache)
 
 
 def pretrain_input(config: mlc.ConfigDict, *, source: Sequence[dict[str, Any]] | None = None,
@@ -318,14 +359,14 @@ def pretrain_input(config: mlc.ConfigDict, *, source: Sequence[dict[str, Any]] |
   device_cache.check_config(config)
   split, fraction = config.train_split, config.train_fraction
   if config.data_cache == "device":
-    source, ids, shard, batch = _process_shard(config, split, fraction, source,
-                                               process_index, process_count)
+    source, ids, index, count, batch = _records(config, split, fraction, source,
+                                                process_index, process_count)
+    shard = shard_indices(ids, index, count)
     images, image_hw = decode_fitted(source, shard, config.crops.device_image_size,
                                      config.num_workers, config.prefetch)
-    count = _processes(process_index, process_count)[1]
     return views_input(config, shard, image_hw, len(ids), batch, cache_images=images,
                        cache_rows=device_cache.rows_per_process(len(ids), count))
-  make = lambda source, n: _PretrainExample(source, config.crops, config.seed, n)
+  make = lambda source: _PretrainExample(source, config.crops, config.seed)
   return _train_input(config, split, fraction, make, process_index, process_count, source)
 
 
@@ -336,7 +377,7 @@ def segmentation_input(config: mlc.ConfigDict, transform: Transform | None, *,
 
   Reads config.dataset, data_dir, batch_size, num_workers, prefetch, seed.
   """
-  make = lambda source, n: _SegmentationExample(source, transform, config.seed, n)
+  make = lambda source: _SegmentationExample(source, transform, config.seed)
   return _train_input(config, split, 1.0, make, process_index, process_count)
 
 
