@@ -1,6 +1,6 @@
 r"""A complete GLARE pre-training run on the generated demo dataset, on a laptop.
 
-Command (2 CPU cores, a few minutes; build the data first with glare_jax.data.prepare):
+Command (2 CPU cores, a few minutes; the dataset is generated into data_dir on first use):
 
   python -m glare_jax.main --config=configs/demo.py --workdir=/tmp/glare_demo
 

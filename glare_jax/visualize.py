@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import logging as std_logging
 import pathlib
 import sys
 from typing import Any, Sequence
@@ -46,6 +45,7 @@ from glare_jax import embed
 from glare_jax.data import regions as regions_lib
 from glare_jax.models import load, vit_from_config
 from glare_jax.models.vit import ViT, cls_patch_attention
+from glare_jax.train import init_checkpoint
 
 # Ten points of matplotlib's viridis; the colour map interpolates between them.
 VIRIDIS = np.array([
@@ -80,45 +80,6 @@ def _default_regions() -> tuple[int, int]:
   return r.min_patches, r.max_patches
 
 
-def _latest_state(workdir: pathlib.Path) -> tuple[int, pathlib.Path]:
-  """(step, state dir) of the newest finished checkpoint, read-only."""
-  root = workdir / "checkpoints"
-  steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()
-                 and (p / "state").is_dir()) if root.is_dir() else []
-  if not steps:
-    raise VisualizeError(f"{workdir}: no finished checkpoint in {root} "
-                         "(expected checkpoints/<step>/state)")
-  return steps[-1], root / str(steps[-1]) / "state"
-
-
-class _QuietMetadata(std_logging.Filter):
-  """orbax warns that a state item has no step metadata file; it never has one."""
-
-  def filter(self, record) -> bool:
-    return "Metadata file does not exist" not in record.getMessage()
-
-
-def _restore_backbone(state_dir: pathlib.Path, key: str) -> dict[str, Any]:
-  """state[key]['backbone'] of an orbax train state as NumPy arrays; nothing else is read."""
-  import orbax.checkpoint as ocp
-
-  quiet = _QuietMetadata()
-  std_logging.getLogger("absl").addFilter(quiet)
-  try:
-    with ocp.PyTreeCheckpointer() as ckptr:
-      tree = ckptr.metadata(state_dir).item_metadata
-      if key not in tree or "backbone" not in tree[key]:
-        raise VisualizeError(f"{state_dir} has no {key}/backbone (it holds {sorted(tree)})")
-      target = {key: {"backbone": jax.tree.map(lambda m: np.zeros(m.shape, m.dtype),
-                                               dict(tree[key]["backbone"]))}}
-      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-      out = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
-          item=target, restore_args=restore_args, partial_restore=True))
-  finally:
-    std_logging.getLogger("absl").removeFilter(quiet)
-  return out[key]["backbone"]
-
-
 def _from_workdir(workdir: pathlib.Path, which: str) -> Backbone:
   try:
     config = mlc.ConfigDict(json.loads((workdir / "config.json").read_text()))
@@ -133,8 +94,9 @@ def _from_workdir(workdir: pathlib.Path, which: str) -> Backbone:
   else:
     raise VisualizeError(f"{workdir}: config.json has mode {config.get('mode')!r}; expected "
                          "a 'pretrain' or 'finetune' run")
-  step, state_dir = _latest_state(workdir)
-  params = _restore_backbone(state_dir, key)
+  step = init_checkpoint.latest_step(workdir)
+  params = init_checkpoint.read_subtree(workdir / "checkpoints" / str(step) / "state", key,
+                                        "backbone")
   model = vit_from_config(config.model, drop_path=0.0, dtype=jnp.float32, remat=False)
   return Backbone(model, params, sizes, f"{workdir} step {step}, {network} backbone")
 

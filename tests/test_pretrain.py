@@ -7,10 +7,8 @@ import pathlib
 import signal
 import subprocess
 import sys
-import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 import pytest

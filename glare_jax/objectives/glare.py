@@ -149,7 +149,7 @@ class GlareObjective(common.ObjectiveBase):
       raise ValueError(f"GLARE pairs each global view with the other one: needs 2 global crops, got {g}")
     k_aug, k_reg, k_drop_g, k_drop_l = jax.random.split(rng, 4)
     t_temp = self.temperature(step)
-    s_temp, w = self.student_temp, self.glare
+    w = self.glare
     metrics = {"teacher_temp": t_temp}
 
     # --- backbones: teacher on clean globals, student on distorted globals + locals.

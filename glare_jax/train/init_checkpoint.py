@@ -25,6 +25,7 @@ fit raises `CheckpointMismatch` naming the path and every key at fault.
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import pathlib
 from typing import Any
 
@@ -55,7 +56,8 @@ def _is_pretrain_workdir(path: pathlib.Path) -> bool:
 def latest_step(workdir: pathlib.Path) -> int:
   """The newest finished checkpoint step of a run (unfinished saves are ignored)."""
   root = workdir / "checkpoints"
-  steps = [int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "state").is_dir()]
+  steps = [int(p.name) for p in root.iterdir() if p.name.isdigit()
+           and (p / "state").is_dir()] if root.is_dir() else []
   if not steps:
     raise FileNotFoundError(f"{root} holds no finished checkpoint (no <step>/state)")
   return max(steps)
@@ -84,12 +86,27 @@ def check_architecture(model_cfg: Any, pretrained: dict[str, Any], path: Any) ->
                              f"the fine-tuning model:\n  {lines}")
 
 
+class _QuietMetadata(std_logging.Filter):
+  """orbax warns that a state item has no step metadata file; it never has one."""
+
+  def filter(self, record) -> bool:
+    return "Metadata file does not exist" not in record.getMessage()
+
+
 def read_subtree(state_dir: str | pathlib.Path, *keys: str) -> Any:
   """state[keys[0]][keys[1]]... of an orbax state directory as NumPy arrays; only
   that subtree is read (e.g. read_subtree(d, 'teacher', 'backbone'))."""
-  import orbax.checkpoint as ocp
+  quiet = _QuietMetadata()
+  std_logging.getLogger("absl").addFilter(quiet)
+  try:
+    return _read_subtree(pathlib.Path(state_dir).absolute(), keys)
+  finally:
+    std_logging.getLogger("absl").removeFilter(quiet)
 
-  state_dir = pathlib.Path(state_dir).absolute()
+
+def _read_subtree(state_dir: pathlib.Path, keys: tuple[str, ...]) -> Any:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   with ocp.PyTreeCheckpointer() as ckptr:
     tree = ckptr.metadata(state_dir).item_metadata
     node = tree
