@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from configs.seg_common import SEG_NO_DECAY
 from glare_jax.models import fpn
-from glare_jax.models.segmenter import Segmenter, load_backbone
-from glare_jax.models.vit import ViT, resize_pos_grid, size_kwargs
+from glare_jax.models.segmenter import Segmenter
+from glare_jax.models.vit import ViT, size_kwargs
 
 KEY = jax.random.key(0, impl="unsafe_rbg")  # cheap to compile on CPU
 
@@ -144,29 +144,3 @@ def test_weight_decay_rules_follow_mmseg_names():
           "backbone/block_0/norm1/bias"} <= no_decay
   assert not any("/bn_" in p or "up4_bn" in p for p in no_decay)   # BN decays, as in mmseg
   assert "head/classifier/kernel" not in no_decay
-
-
-def test_load_backbone_resizes_pos_embed_and_checks_names():
-  model = Segmenter(tiny_vit(), 3, feature_blocks=(0, 0, 1, 1), neck_dim=8, head_dim=8)
-  params = jax.eval_shape(model.init, KEY, jnp.zeros((1, 64, 64, 3)))["params"]
-  params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
-  ckpt = jax.eval_shape(tiny_vit(pos_grid=2, use_mask_token=True).init, KEY,
-                        jnp.zeros((1, 32, 32, 3)))["params"]
-  rng = np.random.default_rng(3)
-  ckpt = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), ckpt)
-
-  out, skipped = load_backbone(params, ckpt)
-  assert skipped == ["mask_token"]
-  pos = out["backbone"]["pos_embed"]
-  assert pos.shape == (1, 2 + 16, 64)
-  np.testing.assert_array_equal(pos[0, :2], ckpt["pos_embed"][0, :2])
-  grid = resize_pos_grid(jnp.asarray(ckpt["pos_embed"][0, 2:]).reshape(2, 2, 64), (4, 4), "size")
-  np.testing.assert_allclose(pos[0, 2:], np.asarray(grid).reshape(16, 64), atol=1e-6)
-  np.testing.assert_array_equal(out["backbone"]["block_1"]["mlp"]["fc1"]["kernel"],
-                                ckpt["block_1"]["mlp"]["fc1"]["kernel"])
-  assert float(params["backbone"]["cls_token"].sum()) == 0   # the input is left untouched
-
-  adapters = Segmenter(tiny_vit(adapter_mode="sequential"), 3, feature_blocks=(0, 0, 1, 1))
-  p2 = jax.eval_shape(adapters.init, KEY, jnp.zeros((1, 64, 64, 3)))["params"]
-  with pytest.raises(ValueError, match="adapter_mode='none'"):
-    load_backbone(p2, ckpt)

@@ -2,7 +2,7 @@
 
     model = segmenter_from_config(config, num_classes)
     variables = model.init(rng, images)           # {'params', 'batch_stats'}
-    params = load_backbone(variables['params'], converted_backbone_params)
+    # backbone weights: glare_jax/train/init_checkpoint.py (converted or pre-trained)
     logits, updates = model.apply({'params': params, 'batch_stats': stats}, images,
                                   train=True, rngs={'dropout': key},
                                   mutable=['batch_stats'])
@@ -15,19 +15,16 @@ inference resize them bilinearly to the label size.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
-import numpy as np
 
 from glare_jax.models import vit_from_config
 from glare_jax.models.fpn import FPNHead, FPNNeck, MultiScale
-from glare_jax.models.vit import ViT, resize_pos_grid
+from glare_jax.models.vit import ViT
 
 Array = jax.Array
 
@@ -86,70 +83,3 @@ def segmenter_from_config(config: mlc.ConfigDict, num_classes: int) -> Segmenter
       multiscale=f.multiscale, neck_dim=f.neck_dim, head_dim=f.head_dim,
       feature_strides=tuple(f.feature_strides), dropout=f.dropout,
       bn_momentum=f.bn_momentum, bn_eps=f.bn_eps, dtype=backbone.dtype)
-
-
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    path = f"{prefix}/{k}" if prefix else k
-    out.update(_flat(v, path) if isinstance(v, Mapping) else {path: v})
-  return out
-
-
-def _set(tree: dict, path: str, value: Any) -> None:
-  *parents, leaf = path.split("/")
-  for k in parents:
-    tree = tree[k]
-  tree[leaf] = value
-
-
-def load_backbone(params: dict[str, Any], backbone: dict[str, Any], *,
-                  pos_resize: str = "size") -> tuple[dict[str, Any], list[str]]:
-  """Put pretrained ViT parameters into a Segmenter's params.
-
-  The position table is resampled once from the checkpoint's grid to the
-  Segmenter's (e.g. 14x14 -> 32x32 for 512 crops), as mmseg does when it loads
-  a backbone: the fine-tuning then learns the 32x32 table. Prefix rows are kept.
-  Checkpoint parameters the model does not have (a pre-training mask token) are
-  skipped and returned.
-
-  Args:
-    params: the Segmenter's freshly initialised params ({'backbone', 'neck', ...}).
-    backbone: a ViT parameter tree (a converted checkpoint's 'backbone').
-    pos_resize: 'size' (mmseg: torch bicubic to the target size) or 'dino'.
-  Returns:
-    (new params, names of skipped checkpoint parameters).
-  Raises:
-    ValueError naming the parameters the checkpoint lacks or has in other shapes.
-  """
-  model = _flat(params["backbone"])
-  ckpt = _flat(jax.tree.map(np.asarray, backbone))
-  missing = sorted(set(model) - set(ckpt))
-  if missing:
-    hint = (" (a checkpoint without adapters needs model.adapter_mode='none')"
-            if any("adapter" in m for m in missing) else "")
-    raise ValueError(f"pretrained backbone lacks {len(missing)} parameters: "
-                     f"{missing[:6]}{hint}")
-  out = flax.core.unfreeze(params)  # fresh containers, same leaves
-  for path, target in model.items():
-    value = ckpt[path]
-    if path == "pos_embed" and value.shape != target.shape:
-      value = _resize_pos_embed(value, target.shape, model.get("cls_token"), pos_resize)
-    if value.shape != target.shape:
-      raise ValueError(f"backbone parameter {path}: checkpoint shape {value.shape}, "
-                       f"model shape {target.shape}")
-    _set(out["backbone"], path, jnp.asarray(value, target.dtype))
-  return out, sorted(set(ckpt) - set(model))
-
-
-def _resize_pos_embed(pos: np.ndarray, shape: tuple[int, ...], cls_token: Any,
-                      mode: str) -> np.ndarray:
-  """[1, P + g0*g0, D] -> [1, P + g*g, D] (bicubic on the patch rows)."""
-  prefix = 0 if cls_token is None else cls_token.shape[1]
-  n0, n = pos.shape[1] - prefix, shape[1] - prefix
-  g0, g = int(round(n0 ** 0.5)), int(round(n ** 0.5))
-  if g0 * g0 != n0 or g * g != n or pos.shape[2] != shape[2]:
-    raise ValueError(f"pos_embed {pos.shape} cannot be resized to {tuple(shape)} "
-                     f"with {prefix} prefix tokens")
-  grid = resize_pos_grid(jnp.asarray(pos[0, prefix:]).reshape(g0, g0, -1), (g, g), mode)
-  return np.concatenate([pos[:, :prefix], np.asarray(grid).reshape(1, g * g, -1)], axis=1)
