@@ -24,6 +24,7 @@ from glare_jax.models.load import CheckpointMismatch, save_converted
 from glare_jax.models.vit import ModelSpec, resize_pos_grid, size_kwargs
 from glare_jax.train import checkpoint, finetune, init_checkpoint, seg_schedule
 from glare_jax.train import logging as train_logging
+from tiny_trainer import finish
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LOVEDA_SAMPLE = pathlib.Path(os.environ.get("GLARE_SHARED", REPO.parent / "shared")
@@ -145,16 +146,6 @@ def launch(args, cache, module="glare_jax.main", code=None):
   cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", module]
   return subprocess.Popen([*cmd, *args], cwd=REPO, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def finish(*procs, timeout=300):
-  try:
-    return [p.communicate(timeout=timeout)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
 
 
 def run_args(workdir, data_dir, *extra):
