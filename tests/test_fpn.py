@@ -7,13 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
 from configs.seg_common import SEG_NO_DECAY
 from glare_jax.models import fpn
 from glare_jax.models.segmenter import Segmenter
 from glare_jax.models.vit import ViT, size_kwargs
+
+from torch_ref import F, needs_torch, torch
 
 KEY = jax.random.key(0, impl="unsafe_rbg")  # cheap to compile on CPU
 
@@ -25,6 +25,7 @@ def tiny_vit(**kw):
 
 @pytest.mark.parametrize("hw,size", [((5, 7), (20, 28)), ((32, 32), (4, 4)), ((16, 21), (8, 10)),
                                      ((6, 6), (13, 3))])
+@needs_torch
 def test_resize_matches_torch(hw, size):
   x = np.random.default_rng(0).normal(size=(2, *hw, 3)).astype(np.float32)
   t = torch.from_numpy(x).permute(0, 3, 1, 2)
@@ -64,6 +65,7 @@ def torch_fpn(feats, neck, head, stats, strides):
 
 @pytest.mark.parametrize("sizes", [[(4, 5)] * 4, [(16, 20), (8, 10), (4, 5), (2, 2)]],
                          ids=["all_stride16", "pyramid"])
+@needs_torch
 def test_neck_and_head_match_mmseg_in_torch(sizes):
   rng = np.random.default_rng(1)
   feats = [jnp.asarray(rng.normal(size=(2, h, w, 24)).astype(np.float32)) for h, w in sizes]

@@ -8,8 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from glare_jax.data import seg_transforms as st
@@ -19,6 +17,8 @@ from glare_jax.models.segmenter import Segmenter
 from glare_jax.models.vit import ViT, size_kwargs
 from glare_jax.objectives.segmentation import seg_cross_entropy
 from glare_jax.train.seg_schedule import poly_warmup_schedule
+
+from torch_ref import F, needs_torch, torch
 
 W = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
 
@@ -70,6 +70,7 @@ def test_slide_equals_whole_for_a_pixelwise_model():
   assert slide.num_compiled == 1        # every window batch has one shape
 
 
+@needs_torch
 def test_whole_mode_resizes_logits_like_mmseg():
   """Resize to the test scale, model at stride 4, logits -> resized size -> label size."""
   img = image(60, 100)

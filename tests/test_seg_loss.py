@@ -3,13 +3,14 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
 from glare_jax.objectives.segmentation import seg_cross_entropy
 from glare_jax.train.seg_schedule import poly_warmup_schedule
 
+from torch_ref import F, needs_torch, torch
 
+
+@needs_torch
 @pytest.mark.parametrize("avg_non_ignore", [False, True])
 def test_cross_entropy_matches_mmseg_in_torch(avg_non_ignore):
   rng = np.random.default_rng(0)

@@ -4,11 +4,11 @@ import colorsys
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
 from glare_jax.data import seg_transforms as st
 from glare_jax.data.datasets import get_info
+
+from torch_ref import F, needs_torch, torch
 
 
 def test_reduce_zero_label():
@@ -29,6 +29,7 @@ def test_rescale_size_is_mmcv(hw, scale, expected):
   assert st.rescale_size(hw, scale) == expected
 
 
+@needs_torch
 def test_resize_matches_torch_bilinear_and_nearest():
   rng = np.random.default_rng(0)
   image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
