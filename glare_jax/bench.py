@@ -105,11 +105,13 @@ def _sizes(config) -> tuple[int, int]:
 def _input(config, mesh, records: int, side: int, fill_cache: bool):
   """(TrainInput, device cache or None, seconds spent decoding + placing the cache)."""
   from glare_jax.data import device_cache, pipeline  # pylint: disable=g-import-not-at-top
-  t0 = time.perf_counter()
+  pool = synthetic_images(POOL, side) if _DATA.value == "synthetic" else None
+  encoded = pool is not None and (config.data_cache != "device" or fill_cache)
+  source = png_source(pool, records) if encoded else None
+  t0 = time.perf_counter()           # cache_s: decoding + placing, not making the pool
   if _DATA.value == "prepared":
     train = pipeline.pretrain_input(config)
   else:
-    pool = synthetic_images(POOL, side)
     if config.data_cache == "device" and not fill_cache:
       # Step mode: the cache is filled from the pool directly, as decoding would.
       fitted = [pipeline.fit_image(im, config.crops.device_image_size) for im in pool]
@@ -119,7 +121,7 @@ def _input(config, mesh, records: int, side: int, fill_cache: bool):
                                    config.batch_size, cache_images=images,
                                    cache_rows=records)
     else:
-      train = pipeline.pretrain_input(config, source=png_source(pool, records))
+      train = pipeline.pretrain_input(config, source=source)
   t1 = time.perf_counter()
   cache = None
   if train.cache_images is not None:

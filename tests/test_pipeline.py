@@ -296,3 +296,15 @@ def test_evaluation_keeps_each_image_size(tmp_path):
       f"Rural/{n}": hw for n, hw in sizes.items()}
   for e in elements:
     assert e["label"].shape == e["image"].shape[:2]
+
+
+def test_per_record_work_does_not_print_its_source():
+  """grain logs the repr of every map: an in-memory source of encoded images
+  (glare_jax.bench, GBs) must not be part of it."""
+  source = [{"image": b"\x89PNG" * 250_000}] * 64
+  config = config_lib.pretrain_config("demo", "tiny")
+  for work in (pipeline._PretrainExample(source, config.crops, 0),
+               pipeline._FittedImage(source, 64),
+               pipeline._SegmentationExample(source, None, 0),
+               pipeline._EvalExample(source)):
+    assert len(repr(work)) < 2000, type(work).__name__

@@ -184,7 +184,7 @@ def fit_image(image: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]
 
 @dataclasses.dataclass(frozen=True)
 class _PretrainExample:
-  source: Sequence[dict[str, Any]]
+  source: Sequence[dict[str, Any]] = dataclasses.field(repr=False)  # grain logs reprs
   crops: mlc.ConfigDict
   seed: int
 
@@ -202,7 +202,7 @@ class _PretrainExample:
 @dataclasses.dataclass(frozen=True)
 class _FittedImage:
   """One record decoded and fitted for the device cache (as `_PretrainExample` ships it)."""
-  source: Sequence[dict[str, Any]]
+  source: Sequence[dict[str, Any]] = dataclasses.field(repr=False)  # grain logs reprs
   size: int
 
   def __call__(self, record: int) -> dict[str, np.ndarray]:
@@ -232,7 +232,7 @@ class _ViewsExample:
 
 @dataclasses.dataclass(frozen=True)
 class _SegmentationExample:
-  source: Sequence[dict[str, Any]]
+  source: Sequence[dict[str, Any]] = dataclasses.field(repr=False)  # grain logs reprs
   transform: Transform | None
   seed: int
 
@@ -249,7 +249,7 @@ class _SegmentationExample:
 
 @dataclasses.dataclass(frozen=True)
 class _EvalExample:
-  source: Sequence[dict[str, Any]]
+  source: Sequence[dict[str, Any]] = dataclasses.field(repr=False)  # grain logs reprs
 
   def __call__(self, record: int) -> dict[str, Any]:
     raw = self.source[int(record)]
