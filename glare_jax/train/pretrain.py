@@ -161,7 +161,7 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   # --- mesh
   mesh = sharding.make_mesh(config.mesh)
 
-  # --- input: each process reads batch / process_count examples of its own shard
+  # --- input: each process reads its batch / process_count slice of each global batch
   prepare.prepare_generated(config.dataset, config.data_dir)
   sharding.local_batch_size(config.batch_size, mesh)   # divisibility, with a clear error
   train = pipeline.pretrain_input(config)
