@@ -351,11 +351,17 @@ def apply_fast(c: mlc.ConfigDict) -> None:
   c.glare.head_chunk_size = 32
 
 
+def apply_tiny_model(model: mlc.ConfigDict) -> None:
+  """The tiny ViT of every `:tiny` config and of the demos (depth 2, width 64,
+  adapters of 16): one definition, so a demo pre-training run fine-tunes."""
+  model.variant = "tiny_test"
+  model.drop_path = 0.0
+  model.adapter_dim = 16
+
+
 def apply_tiny(c: mlc.ConfigDict) -> None:
   """A minutes-long smoke run of the same pipeline on 2 CPU cores."""
-  c.model.variant = "tiny_test"
-  c.model.drop_path = 0.0
-  c.model.adapter_dim = 16
+  apply_tiny_model(c.model)
   c.cross_attention.num_heads = 2
   if c.glare.regions.sampling == "attention":
     c.glare.regions.num_regions = 2  # one region per head of the tiny ViT

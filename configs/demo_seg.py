@@ -22,16 +22,14 @@ the 5 mIoU (25 aAcc) of the most frequent class everywhere; from the demo
 pre-training run's teacher it reached 77 (aAcc 88). There is no paper number.
 """
 
-from configs import seg_common
+from configs import common, seg_common
 
 
 def get_config(arg=None):
   c = seg_common.finetune_config("demo", arg)
   if c.model.variant != "tiny_test":
     # The pre-training demo's backbone (configs/demo.py), so its workdir can be fine-tuned.
-    c.model.variant = "tiny_test"
-    c.model.drop_path = 0.0
-    c.model.adapter_dim = 16
+    common.apply_tiny_model(c.model)
     c.crop_size = 128
     c.model.pos_grid = c.crop_size // c.model.patch_size
     c.fpn.feature_blocks = (0, 0, 1, 1)

@@ -135,9 +135,7 @@ def set_schedule(c: mlc.ConfigDict, total_steps: int, warmup_steps: int) -> None
 
 def apply_tiny(c: mlc.ConfigDict) -> None:
   """A minutes-long smoke run on 2 CPU cores: tiny ViT, 64 px crops, 20 steps."""
-  c.model.variant = "tiny_test"
-  c.model.drop_path = 0.0
-  c.model.adapter_dim = 16
+  common.apply_tiny_model(c.model)
   c.crop_size = 64
   c.model.pos_grid = c.crop_size // c.model.patch_size
   c.fpn.feature_blocks = (0, 0, 1, 1)

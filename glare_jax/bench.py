@@ -34,7 +34,6 @@ Modes:
 
 from __future__ import annotations
 
-import io
 import json
 import statistics
 import sys
@@ -83,12 +82,8 @@ def synthetic_images(count: int, size: int, seed: int = 0) -> list[np.ndarray]:
 
 def png_source(images: list[np.ndarray], records: int) -> list[dict[str, bytes]]:
   """`records` records {image: PNG bytes} cycling through `images`."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  encoded = []
-  for image in images:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    encoded.append({"image": buf.getvalue()})
+  from glare_jax.data.codec import encode_png  # pylint: disable=g-import-not-at-top
+  encoded = [{"image": encode_png(image)} for image in images]
   return [encoded[i % len(encoded)] for i in range(records)]
 
 

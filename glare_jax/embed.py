@@ -33,16 +33,22 @@ class EmbedError(ValueError):
   """Bad input images; the message names the file."""
 
 
+def normalised(image: Image.Image, size: int | None) -> np.ndarray:
+  """An RGB image (resized to size x size, bicubic, when given) -> [H, W, 3] float32
+  with the ImageNet mean and std the backbones were trained with."""
+  if size:
+    image = image.resize((size, size), Image.Resampling.BICUBIC)
+  x = np.asarray(image, dtype=np.float32) / 255.0
+  return (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+
+
 def read_images(paths: Sequence[pathlib.Path], size: int | None, patch_size: int) -> np.ndarray:
   """-> [N, H, W, 3] float32, normalised. Raises EmbedError naming the bad file."""
   images, first = [], None
   for path in paths:
     try:
       with Image.open(path) as im:
-        im = im.convert("RGB")
-        if size:
-          im = im.resize((size, size), Image.Resampling.BICUBIC)
-        arr = np.asarray(im, dtype=np.float32) / 255.0
+        arr = normalised(im.convert("RGB"), size)
     except (OSError, UnidentifiedImageError) as e:
       raise EmbedError(f"{path}: cannot read the image ({e})") from e
     h, w = arr.shape[:2]
@@ -54,8 +60,7 @@ def read_images(paths: Sequence[pathlib.Path], size: int | None, patch_size: int
     if h % patch_size or w % patch_size:
       raise EmbedError(f"{path}: {h}x{w} is not a multiple of the patch size {patch_size} "
                        "(pass --size)")
-    images.append((arr - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD,
-                                                                            np.float32))
+    images.append(arr)
   return np.stack(images)
 
 

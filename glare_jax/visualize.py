@@ -86,7 +86,7 @@ def _from_workdir(workdir: pathlib.Path, which: str) -> Backbone:
   except (OSError, ValueError) as e:
     raise VisualizeError(f"{workdir / 'config.json'}: unreadable run config ({e})") from e
   if config.get("mode") == "pretrain":
-    key = {"teacher": "teacher", "student": "params"}[which]
+    key = init_checkpoint.WHICH[which]
     network = which
     sizes = (config.glare.regions.min_patches, config.glare.regions.max_patches)
   elif config.get("mode") == "finetune":
@@ -236,12 +236,7 @@ def _demo_scene(index: int, size: int | None) -> np.ndarray:
   """Validation scene `index` of the demo dataset, normalised [S, S, 3]."""
   from glare_jax.data.builders import demo   # pylint: disable=g-import-not-at-top
   pixels, _ = demo.example(demo.SEED, "validation", index, demo.IMAGE_SIZE)
-  image = Image.fromarray(pixels)
-  if size:
-    image = image.resize((size, size), Image.Resampling.BICUBIC)
-  x = np.asarray(image, np.float32) / 255.0
-  return (x - np.asarray(common.IMAGENET_MEAN, np.float32)) / np.asarray(common.IMAGENET_STD,
-                                                                       np.float32)
+  return embed.normalised(Image.fromarray(pixels), size)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,8 +8,8 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 
 import torch_vit as tv  # noqa: E402
+from reference_images import normalise, write_png  # noqa: E402
 
-from configs.common import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from glare_jax import embed  # noqa: E402
 
 
@@ -20,16 +20,6 @@ def converted(tmp_path_factory):
   ckpt, mods = tv.make_layout("udi_backbone", tv.TINY, grid=4)
   tv.convert_file(d, ckpt)
   return d / "ckpt", mods["vit"]
-
-
-def write_png(path, h, w, seed):
-  pixels = np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-  Image.fromarray(pixels).save(path)
-  return pixels
-
-
-def normalise(pixels):
-  return ((pixels / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)).astype(np.float32)
 
 
 def run(ckpt, out, *args, capsys):

@@ -11,9 +11,9 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 
 import torch_vit as tv  # noqa: E402
+from reference_images import normalise, write_png  # noqa: E402
 
 from configs import demo as demo_config  # noqa: E402
-from configs.common import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from glare_jax import convert, testing, visualize  # noqa: E402
 from glare_jax.models import build_models, init_params  # noqa: E402
 from glare_jax.models.vit import cls_patch_attention  # noqa: E402
@@ -32,16 +32,6 @@ def udi(tmp_path_factory):
   vit.load_state_dict({k[len("backbone.backbone."):]: torch.from_numpy(v)
                        for k, v in teacher.items() if k.startswith("backbone.backbone.")})
   return d / "ckpt", vit
-
-
-def write_png(path, h, w, seed):
-  pixels = np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-  Image.fromarray(pixels).save(path)
-  return pixels
-
-
-def normalise(pixels):
-  return ((pixels / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)).astype(np.float32)
 
 
 def check_regions(res, sizes):

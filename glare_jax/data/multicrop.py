@@ -351,8 +351,7 @@ def render_views_jax(image: jax.Array, views: dict, cfg, image_hw=None) -> dict[
 def render_batch_jax(images: jax.Array, views: dict, cfg, image_hw=None) -> dict[str, jax.Array]:
   """`render_views_jax` over a batch: images [B, H, W, 3] uint8, views [B, V, ...],
   image_hw [B, 2] or None."""
-  if image_hw is None:
-    return jax.vmap(lambda im, v: render_views_jax(im, v, cfg))(images, views)
+  # vmap passes a None image_hw through as an empty tree.
   return jax.vmap(lambda im, v, hw: render_views_jax(im, v, cfg, hw))(images, views, image_hw)
 
 

@@ -75,8 +75,9 @@ class TrainInput:
   num_records: int            # records in the (fraction of the) split, all processes
   batch_size: int             # per process
   steps_per_epoch: int        # num_records // global batch size
-  # data_cache='device': this process's sources [N_p, D, D, 3] uint8 in shard order
-  # (for device_cache.put) and the rows every process pads its shard to.
+  # data_cache='device': this process's sources [cache_rows, D, D, 3] uint8 in shard
+  # order, black past its N_p records (for device_cache.put), and that row count,
+  # the same in every process.
   cache_images: np.ndarray | None = None
   cache_rows: int = 0
 
@@ -319,14 +320,15 @@ def _train_input(config: mlc.ConfigDict, split: str, fraction: float,
 
 
 def decode_fitted(source: Sequence[dict[str, Any]], records: np.ndarray, size: int,
-                  num_workers: int = 0, prefetch: int = 2
+                  num_workers: int = 0, prefetch: int = 2, rows: int = 0
                   ) -> tuple[np.ndarray, np.ndarray]:
   """Records decoded once and fitted into size x size (`fit_image`), in order.
 
-  Returns images [N, size, size, 3] uint8 and image_hw [N, 2] int32; the decoding
-  runs in `num_workers` processes if > 0.
+  Returns images [max(N, rows), size, size, 3] uint8 (rows past N black: the
+  device cache's padding, allocated here rather than copied on) and image_hw
+  [N, 2] int32; the decoding runs in `num_workers` processes if > 0.
   """
-  images = np.zeros((len(records), size, size, 3), np.uint8)
+  images = np.zeros((max(len(records), rows), size, size, 3), np.uint8)
   image_hw = np.zeros((len(records), 2), np.int32)
   ds = grain.MapDataset.source(np.asarray(records)).map(_FittedImage(source, size))
   for i, example in enumerate(_finish(ds, num_workers, prefetch)):
@@ -362,10 +364,11 @@ def pretrain_input(config: mlc.ConfigDict, *, source: Sequence[dict[str, Any]] |
     source, ids, index, count, batch = _records(config, split, fraction, source,
                                                 process_index, process_count)
     shard = shard_indices(ids, index, count)
+    rows = device_cache.rows_per_process(len(ids), count)
     images, image_hw = decode_fitted(source, shard, config.crops.device_image_size,
-                                     config.num_workers, config.prefetch)
+                                     config.num_workers, config.prefetch, rows)
     return views_input(config, shard, image_hw, len(ids), batch, cache_images=images,
-                       cache_rows=device_cache.rows_per_process(len(ids), count))
+                       cache_rows=rows)
   make = lambda source: _PretrainExample(source, config.crops, config.seed)
   return _train_input(config, split, fraction, make, process_index, process_count, source)
 

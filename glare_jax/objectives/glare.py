@@ -91,10 +91,20 @@ def loc2_sums(s_patch: Array, t_patch: Array, interp: Array, valid: Array, centr
   return jnp.sum(ce * m), jnp.sum(m)
 
 
+def reg_sums(s_out: Array, t_out: Array, mask: Array, centre: Array, t_temp,
+             s_temp: float) -> tuple[Array, Array]:
+  """Sum and count of the region loss: [..., K] student / teacher CA-head outputs,
+  mask [...] (the regions that stay inside the other view)."""
+  ce = common.cross_entropy(t_out, s_out, centre, t_temp, s_temp)
+  m = mask.astype(jnp.float32)
+  return jnp.sum(ce * m), jnp.sum(m)
+
+
 def reg_loss(s_out: Array, t_out: Array, mask: Array, centre: Array, t_temp,
              s_temp: float) -> Array:
-  """Region loss: [..., K] student / teacher CA-head outputs, mask [...] -> masked mean."""
-  return common.masked_mean(common.cross_entropy(t_out, s_out, centre, t_temp, s_temp), mask)
+  """Region loss: the masked mean of `reg_sums`."""
+  total, count = reg_sums(s_out, t_out, mask, centre, t_temp, s_temp)
+  return total / jnp.maximum(count, 1.0)
 
 
 def region_features(student_ca, teacher_ca, xs: Array, xt: Array, regions: reg.Regions,
@@ -254,8 +264,8 @@ class GlareObjective(common.ObjectiveBase):
     if w.w_reg > 0:
       z_s_out, z_t_out = s_out[-1], t_out[-1]  # [b, G, M, S, K]
       mask = inp["reg_mask"].astype(jnp.float32)
-      ce = common.cross_entropy(z_t_out, z_s_out, centres["region"], t_temp, s_temp)
-      out["reg"], out["reg_count"] = jnp.sum(ce * mask), jnp.sum(mask)
+      out["reg"], out["reg_count"] = reg_sums(z_s_out, z_t_out, mask, centres["region"],
+                                              t_temp, s_temp)
       out["c_region"] = rows(z_t_out * mask[..., None])
     return out
 

@@ -46,9 +46,6 @@ from glare_jax.objectives.segmentation import seg_cross_entropy
 from glare_jax.train import checkpoint, init_checkpoint, optim, seg_schedule, sharding
 from glare_jax.train import logging as train_logging
 
-ADAM_EPS = 1e-8          # torch.optim.AdamW's default, as mmseg runs it
-
-
 # ----------------------------------------------------------------------------
 # Model, optimizer and the jitted functions.
 # ----------------------------------------------------------------------------
@@ -63,10 +60,9 @@ def build_optimizer(config: mlc.ConfigDict, params: Any
     raise ValueError(f"config.optim.name={o.name!r}: fine-tuning implements 'adamw'")
   schedule = seg_schedule.schedule_from_config(config)
   labels = optim.param_labels(params, optim.param_rules(o))
-  decay_mask = lambda tree: jax.tree_util.tree_map_with_path(  # noqa: E731
-      lambda kp, x: optim.decays(optim.path_str(kp), x.ndim, o.no_decay, decay_1d=True), tree)
-  adamw = optax.adamw(schedule, o.b1, o.b2, eps=ADAM_EPS, weight_decay=o.weight_decay,
-                      mask=decay_mask)
+  # mmseg's rule: decay by name only (1-d weights such as BatchNorm's decay too)
+  adamw = optax.adamw(schedule, o.b1, o.b2, eps=optim.ADAM_EPS, weight_decay=o.weight_decay,
+                      mask=optim.decay_mask(o.no_decay, decay_1d=True))
   if o.clip_grad:     # mmcv's grad_clip: global norm over the trained parameters
     adamw = optax.chain(optax.clip_by_global_norm(o.clip_grad), adamw)
   return optax.multi_transform({"train": adamw, "freeze": optax.set_to_zero()},

@@ -81,9 +81,10 @@ def decays(path: str, ndim: int, no_decay: Sequence[str], *, decay_1d: bool = Fa
   return (ndim > 1 or decay_1d) and not any(re.fullmatch(p, path) for p in no_decay)
 
 
-def _decay_mask(no_decay: Sequence[str]) -> Callable[[Any], Any]:
+def decay_mask(no_decay: Sequence[str], decay_1d: bool = False) -> Callable[[Any], Any]:
+  """tree -> the bool tree of `decays` (optax's weight-decay mask)."""
   return lambda tree: jax.tree_util.tree_map_with_path(
-      lambda kp, x: decays(path_str(kp), x.ndim, no_decay), tree)
+      lambda kp, x: decays(path_str(kp), x.ndim, no_decay, decay_1d=decay_1d), tree)
 
 
 def lr_mult(path: str, lr_mults: Sequence[tuple[str, float]]) -> float:
@@ -168,7 +169,7 @@ def build_optimizer(optim_cfg: Any, params: Any, batch_size: int, steps_per_epoc
 
   def adamw(hold: int) -> optax.GradientTransformation:
     core = optax.chain(optax.scale_by_adam(c.b1, c.b2, eps=ADAM_EPS),
-                       optax.add_decayed_weights(c.weight_decay, mask=_decay_mask(c.no_decay)))
+                       optax.add_decayed_weights(c.weight_decay, mask=decay_mask(c.no_decay)))
     if hold:
       core = hold_for_steps(core, hold)
     return optax.chain(core, optax.scale_by_learning_rate(schedule),

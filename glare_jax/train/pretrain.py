@@ -127,21 +127,25 @@ def initial_params(config: mlc.ConfigDict, models: Models) -> dict[str, Any] | N
   arrays), or None for a fresh start. Raises before anything is written."""
   if not config.init_checkpoint:
     return None
+  fresh = jax.jit(lambda k: init_params(models, k, config))(jax.random.key(config.seed))
+  params, notes = _merge_init_checkpoint(config, jax.device_get(fresh))
+  for note in notes:
+    logging.info("init_checkpoint: %s", note)
+  return params
+
+
+def _merge_init_checkpoint(config: mlc.ConfigDict, fresh: Any) -> tuple[Any, list[str]]:
+  """`load.load_into` of config.init_checkpoint; errors name the path."""
   path = pathlib.Path(config.init_checkpoint).expanduser()
   if not (path / "model.json").exists():
     raise FileNotFoundError(
         f"config.init_checkpoint={str(path)!r} is not a converted checkpoint (no model.json); "
         "convert a PyTorch file first: python -m glare_jax.convert --src FILE.pth --out DIR")
-  fresh = jax.jit(lambda k: init_params(models, k, config))(jax.random.key(config.seed))
   try:
-    params, notes = load_lib.load_into(
-        jax.device_get(fresh), path, parts=tuple(config.init_parts),
-        drop_prefix=False, pos_resize=config.model.pos_resize)
+    return load_lib.load_into(fresh, path, parts=tuple(config.init_parts), drop_prefix=False,
+                              pos_resize=config.model.pos_resize)
   except load_lib.CheckpointMismatch as e:
     raise load_lib.CheckpointMismatch(f"{path}: {e}") from None
-  for note in notes:
-    logging.info("init_checkpoint: %s", note)
-  return params
 
 
 def check(config: mlc.ConfigDict, workdir: str | os.PathLike) -> None:
@@ -151,7 +155,11 @@ def check(config: mlc.ConfigDict, workdir: str | os.PathLike) -> None:
   prepare.prepare_generated(config.dataset, config.data_dir)
   pipeline.open_split(config.dataset, config.data_dir, config.train_split)
   if config.init_checkpoint and not checkpoint.has_checkpoints(workdir):
-    initial_params(config, build_models(config))
+    # Without initialising: zeros of the parameters' shapes (the fit does not
+    # depend on fresh values; run() draws them).
+    models = build_models(config)
+    shapes = jax.eval_shape(lambda k: init_params(models, k, config), jax.random.key(0))
+    _merge_init_checkpoint(config, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
 
 
 def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -165,10 +173,7 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   prepare.prepare_generated(config.dataset, config.data_dir)
   sharding.local_batch_size(config.batch_size, mesh)   # divisibility, with a clear error
   train = pipeline.pretrain_input(config)
-  steps_per_epoch = train.steps_per_epoch
-  if steps_per_epoch < 1:
-    raise ValueError(f"{config.dataset}: {train.num_records} training records is fewer than "
-                     f"one batch of {config.batch_size}; lower config.batch_size")
+  steps_per_epoch = train.steps_per_epoch   # >= 1: the pipeline refuses fewer records
   data_iter = iter(train.dataset)
   cache = None                    # data_cache='device': this process's sources, decoded once
   if train.cache_images is not None:
@@ -178,7 +183,8 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
 
   # --- model, objective, optimizer, shardings
   t = build(config, mesh, steps_per_epoch)
-  params = initial_params(config, t.models)      # before the workdir gets any state
+  params = (None if checkpoint.has_checkpoints(workdir)   # resuming: not needed
+            else initial_params(config, t.models))       # before the workdir gets any state
   logging.info("%d records, %d steps per epoch, %d steps", train.num_records,
                steps_per_epoch, t.total_steps)
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import io
 import os
 import pathlib
 from typing import Iterable, Sequence
@@ -35,7 +34,7 @@ from PIL import Image
 
 import tensorflow_datasets as tfds
 
-from glare_jax.data.codec import decode_image, decode_label  # noqa: F401  (re-exported)
+from glare_jax.data.codec import decode_image, decode_label, encode_png  # noqa: F401  (re-exported)
 
 # How many problems an error message lists before it summarises the rest.
 _MAX_LISTED = 20
@@ -151,13 +150,6 @@ def load_mask(path: pathlib.Path, label_map: np.ndarray | None = None
     raise LayoutError(f"{path}: a mask must be a single-channel 8-bit PNG of "
                       f"label ids, got mode {mode!r}")
   return mask if label_map is None else label_map[mask]
-
-
-def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
-  """uint8 [H, W] or [H, W, 3] -> PNG bytes (zlib level 0-9: speed vs size)."""
-  buffer = io.BytesIO()
-  Image.fromarray(array).save(buffer, format="png", compress_level=compress_level)
-  return buffer.getvalue()
 
 
 def image_bytes(path: pathlib.Path) -> bytes:
