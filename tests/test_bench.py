@@ -9,6 +9,10 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
+from glare_jax import bench_table
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 KEYS = {"img_per_s", "step_ms", "compile_s", "peak_mem_gb", "device"}
@@ -51,3 +55,50 @@ def test_gpu_script_is_valid_bash():
   if shutil.which("shellcheck"):
     out = subprocess.run(["shellcheck", "-x", str(script)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout
+
+
+def test_table_reads_the_reference_lines_as_printed():
+  text = ("2.11.0+cu130 1.0.15 NVIDIA H100 80GB HBM3\n"
+          "torch eager batch=64: 300.4 ms/step, 213 img/s, warmup 9s, loss 9.123, peak mem 10.5 GiB\n"
+          "torch eager batch=128: 347.8 ms/step, 368 img/s, warmup 2s, loss 9.101, peak mem 21.0 GiB\n")
+  ref = bench_table.reference_figures(text)
+  assert ref == {64: {"img_per_s": 213.0, "step_ms": 300.4, "peak_gib": 10.5},
+                 128: {"img_per_s": 368.0, "step_ms": 347.8, "peak_gib": 21.0}}
+  runs = [{"run": "fast_b512", "device": "NVIDIA H100 80GB HBM3", "batch": 512,
+           "img_per_s": 2944.0, "step_ms": 173.9, "compile_s": 41.2, "peak_mem_gb": 51.3},
+          {"run": "epoch_b512", "device": "NVIDIA H100 80GB HBM3", "batch": 512,
+           "img_per_s": 2800.0, "epoch_s": 0.9, "run_s": 150.2}]
+  rows = bench_table.table(ref, runs).splitlines()
+  assert rows[2] == "| torch eager | 64 | 213 | 300.4 | - | 10.5 | 0.6 | - | - |"
+  assert rows[3] == "| torch eager | 128 | 368 | 347.8 | - | 21.0 | 1.0 | - | - |"
+  assert rows[4] == "| fast_b512 | 512 | 2944.0 | 173.9 | 41.2 | 51.3 | 8.0 | - | - |"
+  assert rows[5] == "| epoch_b512 | 512 | 2800.0 | - | - | - | 7.6 | 0.9 | 150.2 |"
+  assert rows[6].startswith("device: NVIDIA H100 80GB HBM3 |")
+  assert "no reference" in bench_table.table({}, runs).splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_gpu_script_rehearsal_on_cpu(tmp_path):
+  """The GPU call's script end to end on this CPU (REHEARSE=1: tiny model, small
+  batches): every run's flags are accepted, each prints its JSON line, the table
+  lists them. Python 3 on PATH is this interpreter, as on the GPU machine."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+  (bin_dir / "python3").chmod(0o755)
+  out = tmp_path / "out"
+  env = dict(os.environ, REHEARSE="1", REHEARSE_CONFIG="tiny,objective=dino", OUT=str(out),
+             WHEELS=str(tmp_path / "no_wheels"), PATH=f"{bin_dir}:{os.environ['PATH']}", JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_backend_optimization_level=0", BUDGET="900")
+  r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_bench.sh")], cwd=REPO, env=env,
+                     capture_output=True, text=True, timeout=1200)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  runs = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
+  assert [x["run"] for x in runs] == ["fast_b512", "epoch_b512", "fast_b128", "fast_b64",
+                                      "fast_b512_xla_attention", "plain_device_aug_b128"]
+  assert all(x["img_per_s"] > 0 and x["compile_s"] > 0 for x in runs)
+  assert runs[1]["mode"] == "epoch" and runs[1]["run_s"] > 0
+  assert runs[4]["config"]["attention"] == "xla"
+  assert runs[5]["config"]["augment_on"] == "device" and runs[5]["config"]["data_cache"] == "none"
+  table = (out / "table.txt").read_text().splitlines()
+  assert len(table) == 2 + len(runs) + 1 and table[-1].startswith("device: cpu")
