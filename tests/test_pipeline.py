@@ -276,6 +276,12 @@ def test_evaluation_yields_whole_images_sharded(demo_dir):
   assert sorted(names) == [f"{i:05d}.png" for i in range(NUM_VAL)]
   # Without explicit arguments the shard is jax.process_index() of jax.process_count().
   assert len(list(pipeline.evaluation_dataset(config))) == NUM_VAL
+  # max_images: the split's first N records, shared out over the processes.
+  firsts = [e["file_name"] for index in range(2) for e in pipeline.evaluation_dataset(
+      config, max_images=3, process_index=index, process_count=2)]
+  in_order = [e["file_name"] for e in pipeline.evaluation_dataset(
+      config, process_index=0, process_count=1)]
+  assert sorted(firsts) == sorted(in_order[:3])
 
 
 def test_evaluation_keeps_each_image_size(tmp_path):

@@ -385,11 +385,13 @@ def segmentation_input(config: mlc.ConfigDict, transform: Transform | None, *,
 
 
 def evaluation_dataset(config: mlc.ConfigDict, *, split: str = "validation",
-                       process_index: int | None = None,
+                       max_images: int = 0, process_index: int | None = None,
                        process_count: int | None = None) -> grain.IterDataset:
-  """This process's share of `split`, whole images one by one, in record order."""
+  """This process's share of `split` (of its first `max_images` records when
+  that is not 0, over all processes), whole images one by one, in record order."""
   index, count = _processes(process_index, process_count)
   source = open_split(config.dataset, config.data_dir, split)
-  shard = shard_indices(np.arange(len(source)), index, count)
+  total = min(len(source), max_images) if max_images else len(source)
+  shard = shard_indices(np.arange(total), index, count)
   ds = grain.MapDataset.source(shard).map(_EvalExample(source))
   return _finish(ds, config.num_workers, config.prefetch)

@@ -157,8 +157,7 @@ def save_prediction(pred: np.ndarray, path: str | pathlib.Path, info: DatasetInf
 
 
 def evaluate(predictor: Predictor, records: Iterable[Mapping[str, Any]], info: DatasetInfo,
-             *, save_dir: str | pathlib.Path | None = None,
-             max_images: int = 0) -> metrics_lib.ConfusionMatrix:
+             *, save_dir: str | pathlib.Path | None = None) -> metrics_lib.ConfusionMatrix:
   """Score a validation set: accumulate the confusion matrix over `records`.
 
   Each record holds 'image' uint8 [H, W, 3], 'label' uint8 [H, W] in the
@@ -168,8 +167,6 @@ def evaluate(predictor: Predictor, records: Iterable[Mapping[str, Any]], info: D
   """
   cm = metrics_lib.ConfusionMatrix(info.num_classes)
   for i, rec in enumerate(records):
-    if max_images and i >= max_images:
-      break
     label = to_train_ids(np.asarray(rec["label"]), info)
     if label.shape != rec["image"].shape[:2]:
       raise ValueError(f"record {rec.get('name', i)}: label {label.shape} does not match "
@@ -191,21 +188,3 @@ def predictor_from_config(config, apply_fn: ApplyFn, variables: Any,
   return Predictor(apply_fn, variables, test_transform_from_config(config, info),
                    mode=e.mode, crop_size=e.crop_size, stride=e.stride,
                    window_batch=e.window_batch)
-
-
-def evaluate_and_write(predictor: Predictor, records: Iterable[Mapping[str, Any]],
-                       info: DatasetInfo, workdir: str | pathlib.Path, *,
-                       save_predictions: bool = False, max_images: int = 0,
-                       **extra: Any) -> dict[str, Any]:
-  """Score `records`, print the per-class table, write `workdir/eval.json`.
-
-  `extra` (step, seed, ...) is recorded in eval.json; predictions go to
-  `workdir/predictions/<name>.png` when asked. Returns the metrics.
-  """
-  workdir = pathlib.Path(workdir)
-  save_dir = workdir / "predictions" if save_predictions else None
-  m = evaluate(predictor, records, info, save_dir=save_dir, max_images=max_images).metrics()
-  print(metrics_lib.format_table(m, info.class_names), flush=True)
-  metrics_lib.write_eval_json(workdir / "eval.json", m, info.class_names,
-                              dataset=info.name, mode=predictor.mode, **extra)
-  return m

@@ -23,7 +23,6 @@ maps as PNGs under `predictions/`, in the dataset's own ids.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import pathlib
@@ -176,11 +175,8 @@ def gather_confusion(cm: metrics_lib.ConfusionMatrix) -> metrics_lib.ConfusionMa
 def _eval_records(config: mlc.ConfigDict):
   """This process's validation records ('name' = file name without suffix); with
   eval.max_images = N only the split's first N records, over all processes."""
-  records = pipeline.evaluation_dataset(config, split=config.val_split)
-  n = config.eval.max_images
-  if n:
-    records = itertools.islice(records, len(range(jax.process_index(), n,
-                                                 jax.process_count())))
+  records = pipeline.evaluation_dataset(config, split=config.val_split,
+                                        max_images=config.eval.max_images)
   for rec in records:
     yield {**rec, "name": os.path.splitext(rec["file_name"])[0]}
 
