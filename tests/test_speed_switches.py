@@ -97,6 +97,26 @@ def test_bfloat16_compute_is_close_to_float32():
     assert np.linalg.norm(a - b) <= 2e-2 * np.linalg.norm(b)
 
 
+def test_auto_attention_falls_back_to_xla_when_cudnn_refuses(monkeypatch):
+  # As if on a GPU: 'auto' asks cuDNN, which refuses here (no cuDNN on a CPU);
+  # the model then computes XLA's attention instead of failing.
+  from glare_jax.models import vit as vit_lib  # pylint: disable=g-import-not-at-top
+  params, images = params_and_images()
+  want = ViT(**KW, attention="xla", dtype=jnp.bfloat16).apply({"params": params}, images)[0]
+  asked = []
+  real = jax.nn.dot_product_attention
+
+  def spy(*args, implementation=None, **kwargs):
+    asked.append(implementation)
+    return real(*args, implementation=implementation, **kwargs)
+
+  monkeypatch.setattr(vit_lib.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(vit_lib.jax.nn, "dot_product_attention", spy)
+  got = ViT(**KW, attention="auto", dtype=jnp.bfloat16).apply({"params": params}, images)[0]
+  assert asked[:2] == ["cudnn", "xla"]          # the first block: refused, then XLA
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 def test_bad_switches_are_named():
   params, images = params_and_images()
   with pytest.raises(ValueError, match="attention implementation 'flash'"):

@@ -21,6 +21,7 @@ import dataclasses
 import math
 from typing import Any, Sequence
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -98,7 +99,8 @@ class Attention(nn.Module):
   probabilities [B, H, T, T]; 'xla' / 'cudnn' call `jax.nn.dot_product_attention`
   with that implementation (cuDNN's fused flash attention needs a GPU and bf16/fp16)
   and return None for the probabilities, which they never materialise; 'auto' is
-  'cudnn' on a GPU with a 16-bit dtype, else 'xla'.
+  'cudnn' on a GPU with a 16-bit dtype where cuDNN takes the shapes (JAX checks
+  them while tracing), else 'xla'.
   """
   num_heads: int
   dtype: Any = jnp.float32
@@ -118,15 +120,28 @@ class Attention(nn.Module):
       attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # [B, H, T, T]
       out = jnp.einsum("bhqk,bkhc->bqhc", attn.astype(self.dtype), v)
     else:
-      impl = self.impl
-      if impl == "auto":
-        half = jnp.dtype(self.dtype) in (jnp.bfloat16, jnp.float16)
-        impl = "cudnn" if half and jax.default_backend() == "gpu" else "xla"
       attn = None
-      out = jax.nn.dot_product_attention(q, k, v, scale=hd ** -0.5, implementation=impl)
+      out = _fused_attention(q, k, v, hd ** -0.5, self.impl, self.dtype)
     out = nn.Dense(d, dtype=self.dtype, kernel_init=trunc_normal, name="proj")(
         out.reshape(b, t, d))
     return out, attn
+
+
+def _fused_attention(q, k, v, scale: float, impl: str, dtype: Any):
+  """jax.nn.dot_product_attention of [B, T, H, hd] q, k, v with `impl`; 'auto'
+  tries cuDNN (GPU, 16-bit dtype) and falls back to XLA when cuDNN refuses the
+  call while tracing (an unsupported shape, no cuDNN found)."""
+  if impl == "auto":
+    half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    if half and jax.default_backend() == "gpu":
+      try:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+      except (NotImplementedError, RuntimeError) as e:
+        logging.log_first_n(logging.WARNING, "model.attention='auto': cuDNN refused %d "
+                            "tokens x %d heads of %d (%s); using XLA's attention", 4,
+                            q.shape[1], q.shape[2], q.shape[3], e)
+    impl = "xla"
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
 
 
 class Adapter(nn.Module):
