@@ -102,3 +102,40 @@ def test_gpu_script_rehearsal_on_cpu(tmp_path):
   assert runs[5]["config"]["augment_on"] == "device" and runs[5]["config"]["data_cache"] == "none"
   table = (out / "table.txt").read_text().splitlines()
   assert len(table) == 2 + len(runs) + 1 and table[-1].startswith("device: cpu")
+
+
+PROBE = '''
+import os, sys, threading, time
+def _watch():  # wraps JAX's backend start once jax is imported in this process
+  while True:
+    xb = sys.modules.get("jax._src.xla_bridge")
+    if xb is not None and hasattr(xb, "_init_backend"):
+      real = xb._init_backend
+      def started(platform, *a, **k):
+        with open(os.environ["PROBE_OUT"], "a") as f:
+          f.write(f"{os.getpid()} {platform}\\n")
+        return real(platform, *a, **k)
+      xb._init_backend = started
+      return
+    time.sleep(0.002)
+threading.Thread(target=_watch, daemon=True).start()
+'''
+
+
+def test_input_workers_start_no_jax_backend(tmp_path):
+  """grain's worker processes must not start a JAX backend: on a GPU each would
+  claim most of the card's memory. Host and device augmentation, 2 workers."""
+  (tmp_path / "sitecustomize.py").write_text(PROBE)
+  for config in ("configs/loveda.py:tiny", "configs/loveda.py:tiny,fast"):
+    out = tmp_path / f"started_{len(config)}.txt"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PROBE_OUT=str(out),
+               PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
+    r = subprocess.run([sys.executable, "-m", "glare_jax.bench", f"--config={config}",
+                        "--mode=input", "--steps=3", "--batch=8", "--records=32",
+                        "--source_size=96", "--config.crops.device_image_size=64",
+                        "--config.num_workers=2"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["img_per_s"] > 0
+    started = out.read_text().split()
+    assert len(started) == 2 and started[1] == "cpu", started  # the main process, once
