@@ -11,7 +11,8 @@ program starts `jax.distributed` when the environment asks for it (see
 module's optional `check(config, workdir)`, e.g. that fine-tuning's init
 checkpoint fits the model) before anything is written, keeps the config in
 `DIR/config.json` (refusing to resume under an incompatible one) and runs
-`config.mode`.
+`config.mode`. A failed check prints one `error:` line and exits 2
+(`train/preflight.py`).
 """
 
 from __future__ import annotations
@@ -73,16 +74,18 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Heavy imports after flag parsing: `--help` stays fast.
-  from glare_jax.train import checkpoint, distributed  # pylint: disable=g-import-not-at-top
+  from glare_jax.train import distributed, preflight  # pylint: disable=g-import-not-at-top
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   config, workdir = _CONFIG.value, _WORKDIR.value
   distributed.initialize(config.distributed)
   module = mode_module(config)
-  if hasattr(module, "check"):          # bad inputs fail before the workdir is touched
-    module.check(config, workdir)
-  checkpoint.check_config(config, workdir, allow_changes=_ALLOW_CONFIG_CHANGE.value)
+  try:                                  # bad inputs fail before the workdir is touched
+    preflight.check(module, config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  except preflight.BadInput as e:
+    return preflight.report(e)
   logging.info("config: %s/config.json", workdir)
   module.run(config, workdir)
+  return 0
 
 
 if __name__ == "__main__":

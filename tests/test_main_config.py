@@ -86,6 +86,19 @@ def test_entry_point_parses_arguments_and_overrides(tmp_path):
   assert json.loads((workdir / "config.json").read_text())["model"]["variant"] == "S"
 
 
+def test_bad_input_is_one_error_line_and_exit_2(tmp_path):
+  """The real pre-training check: an unprepared dataset fails before the workdir
+  exists, as `error: ...` naming the folder and the command that prepares it."""
+  workdir, data = tmp_path / "run", tmp_path / "data"
+  r = main_program(["--config=configs/loveda.py:tiny", f"--workdir={workdir}",
+                    f"--config.data_dir={data}"])
+  assert r.returncode == 2, r.stderr
+  last = r.stderr.strip().splitlines()
+  assert last[-2].startswith(f"error: FileNotFoundError: dataset 'loveda' is not prepared in {data}")
+  assert "python -m glare_jax.data.prepare --dataset=loveda" in last[-1]
+  assert "Traceback" not in r.stderr and not workdir.exists()
+
+
 def test_mode_dispatch_errors(tmp_path):
   code = "\n".join([
       "import sys; sys.path.insert(0, '.')",

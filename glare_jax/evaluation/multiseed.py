@@ -62,7 +62,7 @@ def run(config: mlc.ConfigDict, workdir: str | pathlib.Path, *, name: str = "",
   import jax  # pylint: disable=g-import-not-at-top
 
   from glare_jax.evaluation import report as report_lib  # pylint: disable=g-import-not-at-top
-  from glare_jax.train import checkpoint, finetune  # pylint: disable=g-import-not-at-top
+  from glare_jax.train import finetune, preflight  # pylint: disable=g-import-not-at-top
 
   if config.num_seeds < 1:
     raise ValueError(f"config.num_seeds must be >= 1, got {config.num_seeds}")
@@ -74,8 +74,8 @@ def run(config: mlc.ConfigDict, workdir: str | pathlib.Path, *, name: str = "",
       continue
     logging.info("multiseed: seed run %d of %d, seed %d, in %s", k + 1, config.num_seeds,
                  c.seed, d)
-    finetune.check(c, d)                 # a bad init checkpoint fails before d is written
-    checkpoint.check_config(c, d, allow_changes=allow_config_change)
+    # A bad init checkpoint fails (preflight.BadInput) before d is written.
+    preflight.check(finetune, c, d, allow_config_change=allow_config_change)
     finetune.run(c, d)
 
   files = [seed_dir(workdir, k) / "eval.json" for k in range(config.num_seeds)]
@@ -96,9 +96,14 @@ def main(argv):
   if config.get("mode") != "finetune":
     raise app.UsageError(f"config.mode is {config.get('mode')!r}: multiseed runs "
                          "fine-tuning configs (mode 'finetune', e.g. configs/loveda_seg.py)")
+  from glare_jax.train import preflight  # pylint: disable=g-import-not-at-top
   distributed.initialize(config.distributed)
-  run(config, _WORKDIR.value, name=_NAME.value, ddof=_DDOF.value,
-      allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  try:
+    run(config, _WORKDIR.value, name=_NAME.value, ddof=_DDOF.value,
+        allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  except preflight.BadInput as e:
+    return preflight.report(e)
+  return 0
 
 
 if __name__ == "__main__":
