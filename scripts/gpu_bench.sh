@@ -83,7 +83,17 @@ FAST=--config=configs/loveda.py:${TINY}fast
 # In order of what the targets need, so that a spent budget skips the least needed:
 # batch 512, then whole epochs with data (the 100-epoch time), then the batches of
 # the reference, then what single switches buy.
-bench fast_b512 170 "$FAST" --batch=$B512 --steps=$STEPS "${SMALL[@]}"
+bench fast_b512 170 "$FAST" --batch=$B512 --steps=$STEPS --profile="$OUT/trace" "${SMALL[@]}"
+# Its profile (3 steps after the timed ones) as text, and the trace itself if small.
+if [[ -d $OUT/trace ]]; then
+  python3 -m glare_jax.profile_summary "$OUT/trace" --top 25 > "$OUT/profile_b512.txt" 2>&1
+  head -n 40 "$OUT/profile_b512.txt" | tee -a "$OUT/log.txt"
+  trace=$(find "$OUT/trace" -name '*.trace.json.gz' | head -n 1)
+  if [[ -n $trace ]] && (($(stat -c %s "$trace") < 15000000)); then
+    mv "$trace" "$OUT/trace_b512.json.gz"
+  fi
+  rm -rf "$OUT/trace"
+fi
 bench epoch_b512 180 "$FAST" --batch=$B512 --mode=epoch --steps=$EPOCH \
   --config.num_workers=$WORKERS "${SMALL[@]}"
 bench fast_b128 90 "$FAST" --batch=$B128 --steps=$STEPS "${SMALL[@]}"

@@ -1,6 +1,7 @@
 """`python -m glare_jax.bench` end to end on CPU: one JSON line with the documented
 keys, from the real step with every speed switch on (`:tiny,fast`)."""
 
+import gzip
 import json
 import math
 import os
@@ -11,7 +12,7 @@ import sys
 
 import pytest
 
-from glare_jax import bench_table
+from glare_jax import bench_table, profile_summary
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -81,7 +82,8 @@ def test_table_reads_the_reference_lines_as_printed():
 def test_gpu_script_rehearsal_on_cpu(tmp_path):
   """The GPU call's script end to end on this CPU (REHEARSE=1: tiny model, small
   batches): every run's flags are accepted, each prints its JSON line, the table
-  lists them. Python 3 on PATH is this interpreter, as on the GPU machine."""
+  lists them, the batch-512 run's profile comes back as text and as a trace.
+  Python 3 on PATH is this interpreter, as on the GPU machine."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
@@ -102,6 +104,9 @@ def test_gpu_script_rehearsal_on_cpu(tmp_path):
   assert runs[5]["config"]["augment_on"] == "device" and runs[5]["config"]["data_cache"] == "none"
   table = (out / "table.txt").read_text().splitlines()
   assert len(table) == 2 + len(runs) + 1 and table[-1].startswith("device: cpu")
+  profile = (out / "profile_b512.txt").read_text()
+  assert "busy" in profile and "ms  calls  share  op" in profile, profile
+  assert (out / "trace_b512.json.gz").is_file() and not (out / "trace").exists()
 
 
 PROBE = '''
@@ -139,3 +144,38 @@ def test_input_workers_start_no_jax_backend(tmp_path):
     assert json.loads(r.stdout)["img_per_s"] > 0
     started = out.read_text().split()
     assert len(started) == 2 and started[1] == "cpu", started  # the main process, once
+
+
+def test_profile_summary_counts_self_time_per_device_thread(tmp_path):
+  meta = lambda pid, name, tid=None: ({"ph": "M", "pid": pid, "name": "process_name",
+                                       "args": {"name": name}} if tid is None else
+                                      {"ph": "M", "pid": pid, "tid": tid, "name": "thread_name",
+                                       "args": {"name": name}})
+  op = lambda pid, tid, name, ts, dur: {"ph": "X", "pid": pid, "tid": tid, "name": name,
+                                        "ts": ts, "dur": dur}
+  trace = {"traceEvents": [
+      meta(1, "/device:GPU:0"), meta(1, "XLA Ops", 10), meta(1, "Stream #7(Compute)", 11),
+      meta(2, "/host:CPU"),
+      op(1, 10, "fusion.1", 0, 1000), op(1, 10, "gemm", 1000, 3000),
+      op(1, 10, "fusion.1", 4000, 1000),
+      op(1, 11, "scope", 0, 2000), op(1, 11, "kernel_a", 500, 500),  # nested: 1.5 + 0.5 ms
+      op(2, 5, "host_work", 0, 9000), op(2, 5, "$bench.py:1 run", 0, 9000)]}
+  text = profile_summary.summarise(trace, top=5).splitlines()
+  assert text[0] == "trace span 9.0 ms"
+  assert "/device:GPU:0 / XLA Ops: busy 5.0 ms (56% of the span), 3 ops" in text
+  rows = [line.split() for line in text]
+  assert ["3.00", "1", "60.0%", "gemm"] in rows and ["2.00", "2", "40.0%", "fusion.1"] in rows
+  assert ["1.50", "1", "75.0%", "scope"] in rows and ["0.50", "1", "25.0%", "kernel_a"] in rows
+  assert not any("host_work" in line for line in text)   # the host only without a device
+
+  # The command reads the newest trace below a jax.profiler folder.
+  folder = tmp_path / "plugins" / "profile" / "run"
+  folder.mkdir(parents=True)
+  with gzip.open(folder / "vm.trace.json.gz", "wt") as f:
+    json.dump(trace, f)
+  r = subprocess.run([sys.executable, "-m", "glare_jax.profile_summary", str(tmp_path)],
+                     cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert r.returncode == 0 and "gemm" in r.stdout, r.stderr
+  r = subprocess.run([sys.executable, "-m", "glare_jax.profile_summary", str(folder / "none")],
+                     cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert r.returncode == 2 and "holds no *.trace.json.gz" in r.stderr
