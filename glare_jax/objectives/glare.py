@@ -73,20 +73,22 @@ def loc1_loss(s_patch: Array, t_patch: Array, cells: Array, centre: Array, t_tem
   return jnp.mean(per_view)
 
 
-def loc2_sums(s_patch: Array, t_patch: Array, interp: Array, valid: Array, centre: Array,
-              t_temp, s_temp: float) -> tuple[Array, Array]:
+def loc2_sums(s_patch: Array, t_patch: Array, index: Array, weight: Array, valid: Array,
+              centre: Array, t_temp, s_temp: float) -> tuple[Array, Array]:
   """Sum and count of H(bilinear teacher target, student) over matched patches.
 
   s_patch [..., Q, K] student logits; t_patch [..., N, K] teacher logits of the
-  target view; interp [..., Q, N] bilinear weights (rows sum to 1 where valid);
-  valid [..., Q]. Leading axes broadcast. Since the target is linear in the teacher
-  distributions, H = -sum_n interp[q, n] <p_t[n], log p_s[q]>, computed without
-  materialising [Q, K] targets.
+  target view; index, weight [..., Q, 4]: the 4 teacher patches around each
+  student patch's centre and their bilinear weights (summing to 1 where valid);
+  valid [..., Q]. Leading axes broadcast. The target of patch q is
+  sum_j weight[q, j] p_t[index[q, j]]: 4 rows gathered per patch (Q x 4 x K work),
+  not a dense [Q, N] interpolation matrix (Q x N x K, ~100x more at N = 196).
   """
-  tp = common.teacher_probs(t_patch, centre, t_temp)
-  ls = common.student_log_probs(s_patch, s_temp)
-  pair = jnp.matmul(ls, jnp.swapaxes(tp, -1, -2))  # [..., Q, N]
-  ce = -jnp.sum(interp * pair, -1)
+  tp = common.teacher_probs(t_patch, centre, t_temp)      # [..., N, K]
+  ls = common.student_log_probs(s_patch, s_temp)          # [..., Q, K]
+  rows = lambda j: jnp.take_along_axis(tp, index[..., j, None], axis=-2, mode="clip")
+  target = sum(weight[..., j, None] * rows(j) for j in range(index.shape[-1]))  # [..., Q, K]
+  ce = -jnp.sum(target * ls, -1)                          # [..., Q]
   m = jnp.broadcast_to(valid, ce.shape).astype(jnp.float32)
   return jnp.sum(ce * m), jnp.sum(m)
 
@@ -291,17 +293,15 @@ class GlareObjective(common.ObjectiveBase):
     """L_loc2 over student globals (-> the other global) and locals (-> both globals):
     (sum of H over the matched pairs, their count)."""
     g = t_p.shape[1]
-    n = g_grid[0] * g_grid[1]
     bg, fg = boxes[:, :g], flips[:, :g]
     bl, fl = boxes[:, g:], flips[:, g:]
     # Globals: view v against the teacher's other global view.
-    cg = corr.match_patches(bg, fg, g_grid, other(bg), other(fg), g_grid)  # [B, G, N]
-    ig = corr.interpolation_matrix(cg.index, cg.weight, n)                       # [B, G, N, N]
-    sum_g, cnt_g = loc2_sums(s_gp, other(t_p), ig, cg.valid, centre, t_temp, self.student_temp)
+    cg = corr.match_patches(bg, fg, g_grid, other(bg), other(fg), g_grid)  # [B, G, N(, 4)]
+    sum_g, cnt_g = loc2_sums(s_gp, other(t_p), cg.index, cg.weight, cg.valid, centre, t_temp,
+                             self.student_temp)
     # Locals: every local view against both teacher views.
     cl = corr.match_patches(bl[:, :, None], fl[:, :, None], l_grid,
-                            bg[:, None], fg[:, None], g_grid)                    # [B, L, G, n]
-    il = corr.interpolation_matrix(cl.index, cl.weight, n)                       # [B, L, G, n, N]
-    sum_l, cnt_l = loc2_sums(s_lp[:, :, None], t_p[:, None], il, cl.valid, centre, t_temp,
-                             self.student_temp)
+                            bg[:, None], fg[:, None], g_grid)                    # [B, L, G, n(, 4)]
+    sum_l, cnt_l = loc2_sums(s_lp[:, :, None], t_p[:, None], cl.index, cl.weight, cl.valid,
+                             centre, t_temp, self.student_temp)
     return sum_g + sum_l, cnt_g + cnt_l
