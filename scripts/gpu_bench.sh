@@ -81,8 +81,10 @@ else
 fi
 FAST=--config=configs/loveda.py:${TINY}fast
 # In order of what the targets need, so that a spent budget skips the least needed:
-# batch 512, then whole epochs with data (the 100-epoch time), then the batches of
-# the reference, then what single switches buy.
+# batch 512, then whole epochs with data (the 100-epoch time), then the remat
+# trade at batch 512 (saving the blocks' matrix products instead of recomputing
+# the student's forward: ~16% fewer FLOPs if it fits), then the batches of the
+# reference, then what single switches buy.
 bench fast_b512 170 "$FAST" --batch=$B512 --steps=$STEPS --profile="$OUT/trace" "${SMALL[@]}"
 # Its profile (3 steps after the timed ones) as text, and the trace itself if small.
 if [[ -d $OUT/trace ]]; then
@@ -96,6 +98,8 @@ if [[ -d $OUT/trace ]]; then
 fi
 bench epoch_b512 180 "$FAST" --batch=$B512 --mode=epoch --steps=$EPOCH \
   --config.num_workers=$WORKERS "${SMALL[@]}"
+bench fast_b512_save_dots 150 "$FAST" --batch=$B512 --steps=$FEW \
+  --config.model.remat_policy=dots_with_no_batch_dims_saveable "${SMALL[@]}"
 bench fast_b128 90 "$FAST" --batch=$B128 --steps=$STEPS "${SMALL[@]}"
 bench fast_b64 80 "$FAST" --batch=$B64 --steps=$STEPS "${SMALL[@]}"
 bench fast_b512_xla_attention 120 "$FAST" --batch=$B512 --steps=$FEW \

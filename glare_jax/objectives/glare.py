@@ -73,24 +73,22 @@ def loc1_loss(s_patch: Array, t_patch: Array, cells: Array, centre: Array, t_tem
   return jnp.mean(per_view)
 
 
-def loc2_sums(s_patch: Array, t_patch: Array, index: Array, weight: Array, valid: Array,
-              centre: Array, t_temp, s_temp: float) -> tuple[Array, Array]:
-  """Sum and count of H(bilinear teacher target, student) over matched patches.
+def loc2_sum(s_patch: Array, t_patch: Array, index: Array, weight: Array, centre: Array,
+             t_temp, s_temp: float) -> Array:
+  """Sum over student patches of H(teacher target, student).
 
-  s_patch [..., Q, K] student logits; t_patch [..., N, K] teacher logits of the
-  target view; index, weight [..., Q, 4]: the 4 teacher patches around each
-  student patch's centre and their bilinear weights (summing to 1 where valid);
-  valid [..., Q]. Leading axes broadcast. The target of patch q is
-  sum_j weight[q, j] p_t[index[q, j]]: 4 rows gathered per patch (Q x 4 x K work),
-  not a dense [Q, N] interpolation matrix (Q x N x K, ~100x more at N = 196).
+  s_patch [..., Q, K] student logits; t_patch [..., N, K] teacher logits; index,
+  weight [..., Q, J]: patch q's target is sum_j weight[q, j] p_t[index[q, j]] (its
+  4 bilinear neighbours in one teacher view, or those of several views whose rows
+  are stacked in t_patch; weights are 0 where q has no match). Leading axes
+  broadcast. J rows are gathered per patch (Q x J x K work), not a dense [Q, N]
+  interpolation matrix contracted over K (Q x N x K, ~50x more at N = 196).
   """
   tp = common.teacher_probs(t_patch, centre, t_temp)      # [..., N, K]
   ls = common.student_log_probs(s_patch, s_temp)          # [..., Q, K]
   rows = lambda j: jnp.take_along_axis(tp, index[..., j, None], axis=-2, mode="clip")
   target = sum(weight[..., j, None] * rows(j) for j in range(index.shape[-1]))  # [..., Q, K]
-  ce = -jnp.sum(target * ls, -1)                          # [..., Q]
-  m = jnp.broadcast_to(valid, ce.shape).astype(jnp.float32)
-  return jnp.sum(ce * m), jnp.sum(m)
+  return -jnp.sum(target * ls)
 
 
 def reg_sums(s_out: Array, t_out: Array, mask: Array, centre: Array, t_temp,
@@ -297,11 +295,18 @@ class GlareObjective(common.ObjectiveBase):
     bl, fl = boxes[:, g:], flips[:, g:]
     # Globals: view v against the teacher's other global view.
     cg = corr.match_patches(bg, fg, g_grid, other(bg), other(fg), g_grid)  # [B, G, N(, 4)]
-    sum_g, cnt_g = loc2_sums(s_gp, other(t_p), cg.index, cg.weight, cg.valid, centre, t_temp,
-                             self.student_temp)
-    # Locals: every local view against both teacher views.
+    sum_g = loc2_sum(s_gp, other(t_p), cg.index, cg.weight, centre, t_temp,
+                     self.student_temp)
+    # Locals: every local view against both teacher views, one target per patch
+    # from the 4 neighbours in each view (rows of the views stacked: 4 G weights).
     cl = corr.match_patches(bl[:, :, None], fl[:, :, None], l_grid,
                             bg[:, None], fg[:, None], g_grid)                    # [B, L, G, n(, 4)]
-    sum_l, cnt_l = loc2_sums(s_lp[:, :, None], t_p[:, None], cl.index, cl.weight, cl.valid,
-                             centre, t_temp, self.student_temp)
+    b, nl, _, q, _ = cl.index.shape
+    n = t_p.shape[2]
+    stacked = cl.index + n * jnp.arange(g)[:, None, None]                        # row in [G * N]
+    fold = lambda x: jnp.moveaxis(x, 2, 3).reshape(b, nl, q, g * 4)             # [B, L, n, 4 G]
+    sum_l = loc2_sum(s_lp, t_p.reshape(b, 1, g * n, -1), fold(stacked), fold(cl.weight),
+                     centre, t_temp, self.student_temp)
+    cnt_g = jnp.sum(cg.valid.astype(jnp.float32))
+    cnt_l = jnp.sum(cl.valid.astype(jnp.float32))
     return sum_g + sum_l, cnt_g + cnt_l
