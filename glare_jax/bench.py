@@ -216,11 +216,14 @@ def run(config) -> dict[str, Any]:
       state, metrics = update(state, batches[i % 2], cache)
       jax.block_until_ready((state, metrics))
       times.append(time.perf_counter() - t0)
-    if _PROFILE.value:
-      with jax.profiler.trace(_PROFILE.value):
-        for i in range(3):
-          state, metrics = update(state, batches[i % 2], cache)
-        jax.block_until_ready(state)
+    if _PROFILE.value:   # after the timed steps; a profiler failure costs only the trace
+      try:
+        with jax.profiler.trace(_PROFILE.value):
+          for i in range(3):
+            state, metrics = update(state, batches[i % 2], cache)
+          jax.block_until_ready(state)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("--profile: no trace (%s: %s)", type(e).__name__, e)
     step = statistics.median(times)
     out.update(step_ms=round(step * 1e3, 2), step_ms_mean=round(
         statistics.mean(times) * 1e3, 2), img_per_s=round(config.batch_size / step, 1))

@@ -76,7 +76,7 @@ if [[ ${REHEARSE:-0} == 1 ]]; then
   TINY=${REHEARSE_CONFIG:-tiny}, B512=16 B128=8 B64=8 STEPS=2 FEW=2 EPOCH=2 WORKERS=2
   SMALL=(--records=32 --source_size=96 --config.crops.device_image_size=64)
 else
-  TINY= B512=512 B128=128 B64=64 STEPS=15 FEW=10 EPOCH=8 WORKERS=12
+  TINY='' B512=512 B128=128 B64=64 STEPS=15 FEW=10 EPOCH=8 WORKERS=12
   SMALL=()
 fi
 FAST=--config=configs/loveda.py:${TINY}fast

@@ -26,13 +26,17 @@ def bench(*args):
                         capture_output=True, text=True, timeout=600)
 
 
-def test_step_mode_prints_one_json_line():
+def test_step_mode_prints_one_json_line(tmp_path):
   # DINO's objective keeps the compile short; the GLARE step runs in test_objectives
   # and test_device_cache. Every speed switch is on: bf16, 'auto' (= xla on CPU)
-  # attention, scanned + rematerialised blocks, the device cache.
+  # attention, scanned + rematerialised blocks, the device cache. The profile
+  # cannot be written (its folder's parent is a file): the figures still come.
+  (tmp_path / "file").write_text("")
   r = bench("--config=configs/loveda.py:tiny,fast,objective=dino", "--steps=2", "--warmup=0",
-            "--records=16", "--source_size=96", "--config.crops.device_image_size=64")
+            "--records=16", "--source_size=96", "--config.crops.device_image_size=64",
+            f"--profile={tmp_path / 'file' / 'trace'}")
   assert r.returncode == 0, r.stderr[-3000:]
+  assert "--profile: no trace" in r.stderr
   lines = r.stdout.strip().splitlines()
   assert len(lines) == 1, r.stdout
   record = json.loads(lines[0])
