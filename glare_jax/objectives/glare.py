@@ -42,7 +42,7 @@ from glare_jax.data import correspondence as corr
 from glare_jax.data import patch_aug as paug
 from glare_jax.data import regions as reg
 from glare_jax.models.vit import cls_patch_attention
-from glare_jax.objectives import common
+from glare_jax.objectives import chunked, common
 
 Array = jax.Array
 
@@ -187,26 +187,27 @@ class GlareObjective(common.ObjectiveBase):
       t_parts.append(z_t)
       metrics["reg/kept"] = jnp.mean(kept)
 
-    # --- the head on every token set and the loss terms, as sums over images: over
-    # the whole batch at once, or in chunks of `head_chunk_size` images, each
-    # recomputed in the backward pass, so that only one chunk's [rows, K] logits,
+    # --- the head on every token set and the loss terms as sums over images; the
+    # loss is sum_k coef[k] sums[k] (coef = weight / normaliser; the normalisers are
+    # counts that need no head). Over the whole batch at once, or in chunks of
+    # `head_chunk_size` images, each differentiated as it is computed
+    # (objectives/chunked.py), so that only one chunk's [rows, K] logits,
     # probabilities and their gradients are alive at a time (the same sums).
-    inputs = dict(s_parts=s_parts, t_parts=t_parts, boxes=boxes, flips=flips, cells=cells,
-                  reg_mask=reg_mask if w.w_reg > 0 else None)
-    head_sums = lambda inp: self._head_sums(student_params["head"], teacher_params["head"],
-                                            centres, inp, t_temp, t.grid, s_l.grid)
+    reg_mask = reg_mask if w.w_reg > 0 else None
+    rest = dict(t_parts=t_parts, boxes=boxes, flips=flips, cells=cells, reg_mask=reg_mask)
+    consts = dict(head=teacher_params["head"], centres=centres, t_temp=t_temp)
+    head_sums = lambda sp_head, s_in, r, c: self._head_sums(
+        sp_head, c["head"], c["centres"], dict(r, s_parts=s_in), c["t_temp"], t.grid, s_l.grid)
+    coef = self._coefficients(b, g, boxes, flips, t.grid, s_l.grid, reg_mask)
     size = w.head_chunk_size
     if 0 < size < b:
       if b % size:
         raise ValueError(f"config.glare.head_chunk_size={size} does not divide the batch of {b}")
-      chunks = b // size
-      # Chunk c holds images c, c + chunks, ...: a data-parallel batch split into
-      # contiguous per-device blocks splits into chunks without moving between devices.
-      split = lambda x: jnp.swapaxes(x.reshape(b // chunks, chunks, *x.shape[1:]), 0, 1)
-      sums = jax.lax.map(jax.checkpoint(head_sums), jax.tree.map(split, inputs))
-      sums = jax.tree.map(lambda x: jnp.sum(x, 0), sums)
+      loss, sums = chunked.weighted_sums_in_chunks(head_sums, b // size, student_params["head"],
+                                                   s_parts, rest, consts, coef)
     else:
-      sums = head_sums(inputs)
+      sums = head_sums(student_params["head"], s_parts, rest, consts)
+      loss = sum(coef[k] * sums[k] for k in coef)
 
     new = dict(centres)
     terms = {}
@@ -231,10 +232,25 @@ class GlareObjective(common.ObjectiveBase):
       new["region"] = common.update_centre(centres["region"], sums["c_region"] / count,
                                            self.center_momentum)
 
-    weights = {"glob": w.w_glob, "reg": w.w_reg, "loc1": w.w_loc1, "loc2": w.w_loc2}
-    loss = sum(weights[k] * v for k, v in terms.items())
     metrics.update({f"loss/{k}": v for k, v in terms.items()})
     return loss, (metrics, new)
+
+  def _coefficients(self, b, g, boxes, flips, g_grid, l_grid, reg_mask) -> dict[str, Array]:
+    """{term: weight / normaliser} of each term that is on: the loss is their sum
+    times the terms' sums over images (the normalisers depend on no parameter)."""
+    w = self.glare
+    coef = {}
+    if w.w_glob > 0:
+      coef["glob"] = jnp.float32(w.w_glob / b)
+    if self.use_loc1:
+      coef["loc1"] = jnp.float32(w.w_loc1 / (b * g))
+    if w.w_loc2 > 0:
+      cg, cl = self._loc2_matches(boxes, flips, g_grid, l_grid)
+      count = jnp.sum(cg.valid.astype(jnp.float32)) + jnp.sum(cl.valid.astype(jnp.float32))
+      coef["loc2"] = w.w_loc2 / jnp.maximum(count, 1.0)
+    if w.w_reg > 0:
+      coef["reg"] = w.w_reg / jnp.maximum(jnp.sum(reg_mask.astype(jnp.float32)), 1.0)
+    return coef
 
   def _head_sums(self, sp_head, tp_head, centres, inp, t_temp, g_grid, l_grid):
     """The head on the token sets of `inp` (a batch or a chunk of b images) and each
@@ -287,20 +303,27 @@ class GlareObjective(common.ObjectiveBase):
     mask = mapped.inside & mapped.keep[..., None]  # [B, G, M, S]
     return z_s, jax.lax.stop_gradient(z_t), mask, mapped.keep
 
+  @staticmethod
+  def _loc2_matches(boxes, flips, g_grid, l_grid) -> tuple[corr.Correspondence, ...]:
+    """Where L_loc2's student patches fall: each global view's in the other global
+    view [B, G, N], each local view's in both global views [B, L, G, n]."""
+    g = 2   # GLARE pairs the two global views (checked in __call__)
+    bg, fg, bl, fl = boxes[:, :g], flips[:, :g], boxes[:, g:], flips[:, g:]
+    cg = corr.match_patches(bg, fg, g_grid, other(bg), other(fg), g_grid)
+    cl = corr.match_patches(bl[:, :, None], fl[:, :, None], l_grid, bg[:, None], fg[:, None],
+                            g_grid)
+    return cg, cl
+
   def _loc2(self, s_gp, s_lp, t_p, boxes, flips, g_grid, l_grid, centre, t_temp):
     """L_loc2 over student globals (-> the other global) and locals (-> both globals):
     (sum of H over the matched pairs, their count)."""
     g = t_p.shape[1]
-    bg, fg = boxes[:, :g], flips[:, :g]
-    bl, fl = boxes[:, g:], flips[:, g:]
+    cg, cl = self._loc2_matches(boxes, flips, g_grid, l_grid)
     # Globals: view v against the teacher's other global view.
-    cg = corr.match_patches(bg, fg, g_grid, other(bg), other(fg), g_grid)  # [B, G, N(, 4)]
     sum_g = loc2_sum(s_gp, other(t_p), cg.index, cg.weight, centre, t_temp,
                      self.student_temp)
     # Locals: every local view against both teacher views, one target per patch
     # from the 4 neighbours in each view (rows of the views stacked: 4 G weights).
-    cl = corr.match_patches(bl[:, :, None], fl[:, :, None], l_grid,
-                            bg[:, None], fg[:, None], g_grid)                    # [B, L, G, n(, 4)]
     b, nl, _, q, _ = cl.index.shape
     n = t_p.shape[2]
     stacked = cl.index + n * jnp.arange(g)[:, None, None]                        # row in [G * N]
