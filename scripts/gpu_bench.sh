@@ -83,7 +83,7 @@ FAST=--config=configs/loveda.py:${TINY}fast
 # In order of what the targets need, so that a spent budget skips the least needed:
 # batch 512, then whole epochs with data (the 100-epoch time), then the remat
 # trade at batch 512 (saving the blocks' matrix products instead of recomputing
-# the student's forward: ~16% fewer FLOPs if it fits), then the batches of the
+# the student's forward: ~18% fewer FLOPs if it fits), then the batches of the
 # reference, then what single switches buy.
 bench fast_b512 170 "$FAST" --batch=$B512 --steps=$STEPS --profile="$OUT/trace" "${SMALL[@]}"
 # Its profile (3 steps after the timed ones) as text, and the trace itself if small.
