@@ -1,6 +1,7 @@
 """The pre-training program: device-count invariance, init checkpoints, kill and
 resume, and `:tiny` runs on the LoveDA sample tiles through the real entry point."""
 
+import functools
 import json
 import os
 import pathlib
@@ -57,10 +58,20 @@ def run_steps(config, devices, batches):
   return out, jax.device_get(state["params"])
 
 
-def test_one_and_eight_devices_give_the_same_glare_losses():
+@functools.cache
+def one_device_glare_steps():
   config = tiny_config()
   batches = [synthetic_batch(config, 8, seed=s) for s in range(2)]
-  one, p1 = run_steps(config, jax.devices()[:1], batches)
+  return batches, run_steps(config, jax.devices()[:1], batches)
+
+
+@pytest.mark.parametrize("head_chunk_size", [0, 2])
+def test_one_and_eight_devices_give_the_same_glare_losses(head_chunk_size):
+  """8 devices against 1; with head_chunk_size=2 the 8-device step also runs the
+  head in 4 chunks of 2 images, each chunk spread over the devices."""
+  batches, (one, p1) = one_device_glare_steps()
+  config = tiny_config()
+  config.glare.head_chunk_size = head_chunk_size
   eight, p8 = run_steps(config, jax.devices()[:8], batches)
   for a, b in zip(one, eight):
     assert a.keys() == b.keys()

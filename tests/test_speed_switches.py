@@ -147,7 +147,7 @@ def glare_value_and_grad(dtype="float32", head_chunk_size=0):
 
 
 def test_glare_head_in_chunks_gives_the_same_step():
-  """head_chunk_size=2 (two chunks, each recomputed in the backward pass): the same
+  """head_chunk_size=2 (two chunks, each differentiated as it is computed): the same
   loss, terms, diagnostics, centres and gradients as the whole batch at once."""
   ref = glare_value_and_grad()
   out = glare_value_and_grad(head_chunk_size=2)
