@@ -19,9 +19,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 KEYS = {"img_per_s", "step_ms", "compile_s", "peak_mem_gb", "device"}
 
 
-def bench(*args):
+def bench(*args, **env):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_backend_optimization_level=0")  # compile fast: timing is not tested
+             XLA_FLAGS="--xla_backend_optimization_level=0",  # compile fast: timing is not tested
+             **env)
   return subprocess.run([sys.executable, "-m", "glare_jax.bench", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600)
 
@@ -139,13 +140,10 @@ def test_input_workers_start_no_jax_backend(tmp_path):
   (tmp_path / "sitecustomize.py").write_text(PROBE)
   for config in ("configs/loveda.py:tiny", "configs/loveda.py:tiny,fast"):
     out = tmp_path / f"started_{len(config)}.txt"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PROBE_OUT=str(out),
-               PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
-    r = subprocess.run([sys.executable, "-m", "glare_jax.bench", f"--config={config}",
-                        "--mode=input", "--steps=3", "--batch=8", "--records=32",
-                        "--source_size=96", "--config.crops.device_image_size=64",
-                        "--config.num_workers=2"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    r = bench(f"--config={config}", "--mode=input", "--steps=3", "--batch=8", "--records=32",
+              "--source_size=96", "--config.crops.device_image_size=64",
+              "--config.num_workers=2", PROBE_OUT=str(out),
+              PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout)["img_per_s"] > 0
     started = out.read_text().split()

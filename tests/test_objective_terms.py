@@ -133,9 +133,12 @@ def test_loc2_bilinear_targets_and_masking():
   s_l, c = RNG.normal(size=(b, nl, 4, k)), RNG.normal(size=k)
   obj = glare.GlareObjective(models=None, student_temp=T_S, teacher_temp=T_T, warmup_teacher_temp=T_T,
                              warmup_teacher_temp_epochs=0, center_momentum=0.9, steps_per_epoch=1)
-  total, matched = jax.jit(lambda *a: obj._loc2(*a, (4, 4), (2, 2), c, T_T),
-                           compiler_options=FAST_COMPILE)(
-      s_g, s_l, t_p, jnp.asarray(boxes), jnp.asarray(flips))  # sum of H, matched pairs
+  def loc2(s_g, s_l, t_p, boxes, flips):  # sum of H, matched pairs
+    matches = obj._loc2_matches(boxes, flips, (4, 4), (2, 2))
+    return obj._loc2_sum(s_g, s_l, t_p, *matches, c, T_T), glare.matched(*matches)
+
+  total, matched = jax.jit(loc2, compiler_options=FAST_COMPILE)(
+      s_g, s_l, t_p, jnp.asarray(boxes), jnp.asarray(flips))
   g = lambda x: x[:, :2]
   cg = jax.tree.map(np.asarray, corr.match_patches(g(boxes), g(flips), 4, boxes[:, 1::-1], flips[:, 1::-1], 4))
   cl = jax.tree.map(np.asarray, corr.match_patches(boxes[:, 2:, None], flips[:, 2:, None], 2,

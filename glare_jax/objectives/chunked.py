@@ -43,7 +43,8 @@ def _unsplit(tree: Any) -> Any:
   return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:]), tree)
 
 
-def _weighted(sums: Sums, coef: dict[str, jax.Array]) -> jax.Array:
+def weighted(sums: Sums, coef: dict[str, jax.Array]) -> jax.Array:
+  """sum_k coef[k] * sums[k]: the loss of the module doc."""
   return sum(coef[k] * sums[k] for k in coef)
 
 
@@ -54,13 +55,13 @@ def weighted_sums_in_chunks(fn: Callable[..., Sums], chunks: int, params: Any, d
   per_chunk = jax.lax.map(lambda x: fn(params, x[0], x[1], consts),
                           (_split(chunks, diff), _split(chunks, rest)))
   sums = jax.tree.map(lambda x: jnp.sum(x, 0), per_chunk)
-  return _weighted(sums, coef), sums
+  return weighted(sums, coef), sums
 
 
 def _forward(fn, chunks, params, diff, rest, consts, coef):
   def chunk(grad_params, inputs):
     d, r = inputs
-    loss = lambda p, d_: (lambda s: (_weighted(s, coef), s))(fn(p, d_, r, consts))
+    loss = lambda p, d_: (lambda s: (weighted(s, coef), s))(fn(p, d_, r, consts))
     (value, sums), (g_p, g_d) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
         params, d)
     return jax.tree.map(jnp.add, grad_params, g_p), (value, sums, g_d)

@@ -91,6 +91,11 @@ def loc2_sum(s_patch: Array, t_patch: Array, index: Array, weight: Array, centre
   return -jnp.sum(target * ls)
 
 
+def matched(*correspondences: corr.Correspondence) -> Array:
+  """How many student patches have a match, over all the given correspondences."""
+  return sum(jnp.sum(c.valid.astype(jnp.float32)) for c in correspondences)
+
+
 def reg_sums(s_out: Array, t_out: Array, mask: Array, centre: Array, t_temp,
              s_temp: float) -> tuple[Array, Array]:
   """Sum and count of the region loss: [..., K] student / teacher CA-head outputs,
@@ -193,12 +198,16 @@ class GlareObjective(common.ObjectiveBase):
     # `head_chunk_size` images, each differentiated as it is computed
     # (objectives/chunked.py), so that only one chunk's [rows, K] logits,
     # probabilities and their gradients are alive at a time (the same sums).
+    # L_loc2's correspondences and the two counts, once for the batch.
+    matches = self._loc2_matches(boxes, flips, t.grid, s_l.grid) if w.w_loc2 > 0 else None
+    loc2_count = matched(*matches) if w.w_loc2 > 0 else None
     reg_mask = reg_mask if w.w_reg > 0 else None
-    rest = dict(t_parts=t_parts, boxes=boxes, flips=flips, cells=cells, reg_mask=reg_mask)
+    reg_count = jnp.sum(reg_mask.astype(jnp.float32)) if w.w_reg > 0 else None
+    rest = dict(t_parts=t_parts, matches=matches, cells=cells, reg_mask=reg_mask)
     consts = dict(head=teacher_params["head"], centres=centres, t_temp=t_temp)
     head_sums = lambda sp_head, s_in, r, c: self._head_sums(
-        sp_head, c["head"], c["centres"], dict(r, s_parts=s_in), c["t_temp"], t.grid, s_l.grid)
-    coef = self._coefficients(b, g, boxes, flips, t.grid, s_l.grid, reg_mask)
+        sp_head, c["head"], c["centres"], dict(r, s_parts=s_in), c["t_temp"])
+    coef = self._coefficients(b, g, loc2_count, reg_count)
     size = w.head_chunk_size
     if 0 < size < b:
       if b % size:
@@ -207,7 +216,7 @@ class GlareObjective(common.ObjectiveBase):
                                                    s_parts, rest, consts, coef)
     else:
       sums = head_sums(student_params["head"], s_parts, rest, consts)
-      loss = sum(coef[k] * sums[k] for k in coef)
+      loss = chunked.weighted(sums, coef)
 
     new = dict(centres)
     terms = {}
@@ -222,12 +231,12 @@ class GlareObjective(common.ObjectiveBase):
         metrics["loc1/distorted"] = jnp.mean(cells)
       if w.w_loc2 > 0:
         possible = b * g * (n + l_img.shape[1] * s_l.grid[0] * s_l.grid[1])
-        terms["loc2"] = sums["loc2"] / jnp.maximum(sums["loc2_count"], 1.0)
-        metrics["loc2/matched"] = sums["loc2_count"] / possible
+        terms["loc2"] = sums["loc2"] / jnp.maximum(loc2_count, 1.0)
+        metrics["loc2/matched"] = loc2_count / possible
       new["local"] = common.update_centre(centres["local"], sums["c_local"] / (b * g * n),
                                           self.center_momentum)
     if w.w_reg > 0:
-      count = jnp.maximum(sums["reg_count"], 1.0)
+      count = jnp.maximum(reg_count, 1.0)
       terms["reg"] = sums["reg"] / count
       new["region"] = common.update_centre(centres["region"], sums["c_region"] / count,
                                            self.center_momentum)
@@ -235,7 +244,7 @@ class GlareObjective(common.ObjectiveBase):
     metrics.update({f"loss/{k}": v for k, v in terms.items()})
     return loss, (metrics, new)
 
-  def _coefficients(self, b, g, boxes, flips, g_grid, l_grid, reg_mask) -> dict[str, Array]:
+  def _coefficients(self, b, g, loc2_count, reg_count) -> dict[str, Array]:
     """{term: weight / normaliser} of each term that is on: the loss is their sum
     times the terms' sums over images (the normalisers depend on no parameter)."""
     w = self.glare
@@ -245,17 +254,15 @@ class GlareObjective(common.ObjectiveBase):
     if self.use_loc1:
       coef["loc1"] = jnp.float32(w.w_loc1 / (b * g))
     if w.w_loc2 > 0:
-      cg, cl = self._loc2_matches(boxes, flips, g_grid, l_grid)
-      count = jnp.sum(cg.valid.astype(jnp.float32)) + jnp.sum(cl.valid.astype(jnp.float32))
-      coef["loc2"] = w.w_loc2 / jnp.maximum(count, 1.0)
+      coef["loc2"] = w.w_loc2 / jnp.maximum(loc2_count, 1.0)
     if w.w_reg > 0:
-      coef["reg"] = w.w_reg / jnp.maximum(jnp.sum(reg_mask.astype(jnp.float32)), 1.0)
+      coef["reg"] = w.w_reg / jnp.maximum(reg_count, 1.0)
     return coef
 
-  def _head_sums(self, sp_head, tp_head, centres, inp, t_temp, g_grid, l_grid):
+  def _head_sums(self, sp_head, tp_head, centres, inp, t_temp):
     """The head on the token sets of `inp` (a batch or a chunk of b images) and each
     term's sum over those images: glob (b x mean), loc1 (b G x mean), loc2 and reg
-    (sums and counts), and the sums of teacher outputs the centres move towards."""
+    (sums of H), and the sums of teacher outputs the centres move towards."""
     w, s_temp = self.glare, self.student_temp
     s_out = common.apply_head(self.models.head, sp_head, inp["s_parts"])
     t_out = common.apply_head(self.models.head, tp_head, inp["t_parts"])
@@ -274,14 +281,12 @@ class GlareObjective(common.ObjectiveBase):
       if self.use_loc1:
         out["loc1"] = b * g * loc1_loss(s_gp, t_p, inp["cells"], c, t_temp, s_temp)
       if w.w_loc2 > 0:
-        out["loc2"], out["loc2_count"] = self._loc2(
-            s_gp, s_lp, t_p, inp["boxes"], inp["flips"], g_grid, l_grid, c, t_temp)
+        out["loc2"] = self._loc2_sum(s_gp, s_lp, t_p, *inp["matches"], c, t_temp)
       out["c_local"] = rows(t_p)
     if w.w_reg > 0:
       z_s_out, z_t_out = s_out[-1], t_out[-1]  # [b, G, M, S, K]
       mask = inp["reg_mask"].astype(jnp.float32)
-      out["reg"], out["reg_count"] = reg_sums(z_s_out, z_t_out, mask, centres["region"],
-                                              t_temp, s_temp)
+      out["reg"], _ = reg_sums(z_s_out, z_t_out, mask, centres["region"], t_temp, s_temp)
       out["c_region"] = rows(z_t_out * mask[..., None])
     return out
 
@@ -314,11 +319,10 @@ class GlareObjective(common.ObjectiveBase):
                             g_grid)
     return cg, cl
 
-  def _loc2(self, s_gp, s_lp, t_p, boxes, flips, g_grid, l_grid, centre, t_temp):
-    """L_loc2 over student globals (-> the other global) and locals (-> both globals):
-    (sum of H over the matched pairs, their count)."""
+  def _loc2_sum(self, s_gp, s_lp, t_p, cg, cl, centre, t_temp):
+    """L_loc2's sum of H over student globals (-> the other global) and locals (-> both
+    globals), at the correspondences cg, cl of `_loc2_matches` (count: `matched`)."""
     g = t_p.shape[1]
-    cg, cl = self._loc2_matches(boxes, flips, g_grid, l_grid)
     # Globals: view v against the teacher's other global view.
     sum_g = loc2_sum(s_gp, other(t_p), cg.index, cg.weight, centre, t_temp,
                      self.student_temp)
@@ -330,6 +334,4 @@ class GlareObjective(common.ObjectiveBase):
     fold = lambda x: jnp.moveaxis(x, 2, 3).reshape(b, nl, q, g * 4)             # [B, L, n, 4 G]
     sum_l = loc2_sum(s_lp, t_p.reshape(b, 1, g * n, -1), fold(stacked), fold(cl.weight),
                      centre, t_temp, self.student_temp)
-    cnt_g = jnp.sum(cg.valid.astype(jnp.float32))
-    cnt_l = jnp.sum(cl.valid.astype(jnp.float32))
-    return sum_g + sum_l, cnt_g + cnt_l
+    return sum_g + sum_l
