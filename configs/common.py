@@ -19,7 +19,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PARAM_PRESETS = {
     # The paper's setting: adapters + projection head + cross-attention.
     "adapters": (
-        ("head/weight_g", "freeze"),  # DINO's norm_last_layer: g stays 1
         (r"backbone/block_\d+/adapter/.*", "train"),
         ("backbone/mask_token", "train"),  # only present with patch_aug.kind = 'mask'
         ("head/.*", "train"),
@@ -28,11 +27,9 @@ PARAM_PRESETS = {
     ),
     # HPT (Table 2): every parameter trains (use with model.adapter_mode='none').
     "full": (
-        ("head/weight_g", "freeze"),
         (".*", "train"),
     ),
     "head": (
-        ("head/weight_g", "freeze"),
         ("backbone/mask_token", "train"),
         ("head/.*", "train"),
         ("cross_attention/.*", "train"),
@@ -40,9 +37,13 @@ PARAM_PRESETS = {
     ),
 }
 
-# No weight decay on biases, norms, 1-D parameters and tokens (DINO's rule).
-NO_DECAY = (r".*/bias", r".*norm.*/scale", r".*/cls_token", r".*/pos_embed",
-            r".*/mask_token", r".*/weight_g")
+# Weight decay (SPEC section 6, DINO's get_params_groups): none on biases and on
+# 1-D parameters. `weight_g` [K] and `mask_token` [D] are 1-D here but 2-D in the
+# PyTorch models ([K, 1], [1, D]), where they decay, so they decay here too (when
+# trained: weight_g only with head.norm_last_layer=False, mask_token only with
+# patch_aug.kind='mask'). cls_token and pos_embed decay (3-D), as in DINO.
+NO_DECAY = (r".*/bias",)
+DECAY_1D = (r".*/weight_g", r".*/mask_token")
 
 
 # The paper's GLARE ablations as named presets, selected by config arguments
@@ -123,7 +124,7 @@ def head_config() -> mlc.ConfigDict:
       hidden_dim=2048,
       bottleneck_dim=256,
       num_layers=3,
-      norm_last_layer=True,
+      norm_last_layer=True,     # DINO's: weight_g stays 1 (frozen); False trains it
   ))
 
 
@@ -249,7 +250,8 @@ def optim_config() -> mlc.ConfigDict:
       ema_final=1.0,
       param_preset="adapters",      # 'adapters', 'full', 'head' (see PARAM_PRESETS)
       param_rules=(),               # extra (regex, 'train'|'freeze') pairs, tried first
-      no_decay=NO_DECAY,
+      no_decay=NO_DECAY,            # (regex, ...): never decayed
+      decay_1d=DECAY_1D,            # (regex, ...): 1-D arrays that decay (others do not)
       lr_mults=(),                  # (regex, multiplier) pairs
   ))
 

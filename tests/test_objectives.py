@@ -8,7 +8,6 @@ parameters must not move.
 """
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +18,7 @@ import pytest
 from configs import common as cfgs
 from glare_jax.models import build_models, init_params
 from glare_jax.objectives import build_objective, ema_momentum, ema_update
+from glare_jax.train import optim
 
 # Tests compile big graphs once and run them a few times: skip LLVM's optimiser.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -65,12 +65,10 @@ def make_batch(config, batch_size=2, seed=0):
           "flips": jnp.asarray(np.array(flips))}
 
 
-def labels(params, preset):
-  """'train' / 'freeze' per leaf with the first matching (regex, rule) of the preset."""
-  def rule(path, _):
-    name = "/".join(str(getattr(k, "key", k)) for k in path)
-    return next(r for pattern, r in cfgs.PARAM_PRESETS[preset] if re.fullmatch(pattern, name))
-  return jax.tree_util.tree_map_with_path(rule, params)
+def labels(params, config):
+  """'train' / 'freeze' per leaf, as pre-training decides (config.optim, config.head)."""
+  return optim.param_labels(params, optim.param_rules(
+      config.optim, norm_last_layer=config.head.norm_last_layer))
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +87,8 @@ def test_objective_trains(name, tiny_params):
   params = tiny_params
   objective = build_objective(config, models, steps_per_epoch=4)
   batch = make_batch(config)
-  lab = labels(params, "adapters")
+  lab = labels(params, config)
+  assert lab["head"]["weight_g"] == "freeze"     # head.norm_last_layer (DINO's default)
   tx = optax.multi_transform({"train": optax.adamw(3e-3, weight_decay=0.0),
                               "freeze": optax.set_to_zero()}, lab)
 

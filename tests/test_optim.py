@@ -41,8 +41,13 @@ def cfg(**kw):
   return c
 
 
+def rules(c, norm_last_layer=True):
+  """The pre-training rules with config.head.norm_last_layer's default."""
+  return optim.param_rules(c, norm_last_layer=norm_last_layer)
+
+
 def test_labels_adapters_preset_and_rule_order():
-  labels = flat(optim.param_labels(make_params(), optim.param_rules(cfg())))
+  labels = flat(optim.param_labels(make_params(), rules(cfg())))
   train = sorted(k for k, v in labels.items() if v == "train")
   assert train == sorted(
       ["backbone/block_0/adapter/down/kernel", "backbone/block_0/adapter/down/bias",
@@ -52,10 +57,16 @@ def test_labels_adapters_preset_and_rule_order():
        "cross_attention/norm/scale", "cross_attention/norm/bias"])
   # param_rules come first: they override the preset.
   c = cfg(param_rules=((r"backbone/norm/.*", "train"), (r"head/layers_0/.*", "freeze")))
-  labels = flat(optim.param_labels(make_params(), optim.param_rules(c)))
+  labels = flat(optim.param_labels(make_params(), rules(c)))
   assert labels["backbone/norm/scale"] == "train" and labels["head/layers_0/kernel"] == "freeze"
-  full = flat(optim.param_labels(make_params(), optim.param_rules(cfg(param_preset="full"))))
+  full = flat(optim.param_labels(make_params(), rules(cfg(param_preset="full"))))
   assert [k for k, v in full.items() if v == "freeze"] == ["head/weight_g"]
+  # head.norm_last_layer=False: DINO trains g as well (a param_rule still overrides).
+  for preset in ("adapters", "full", "head"):
+    free = flat(optim.param_labels(make_params(), rules(cfg(param_preset=preset), False)))
+    assert free["head/weight_g"] == "train", preset
+  c = cfg(param_rules=(("head/weight_g", "train"),))
+  assert flat(optim.param_labels(make_params(), rules(c)))["head/weight_g"] == "train"
 
 
 def test_rule_errors():
@@ -68,12 +79,20 @@ def test_rule_errors():
 
 
 def test_decay_rules():
+  """SPEC section 6 / DINO's param groups: no decay on biases and 1-D tensors, where
+  weight_g and mask_token count as 2-D (their PyTorch shapes [K, 1] and [1, D])."""
   c = cfg()
-  got = {k: optim.decays(k, v.ndim, c.no_decay) for k, v in flat(make_params()).items()}
+  params = flat(make_params())
+  params["backbone/mask_token"] = np.zeros(8, np.float32)
+  got = {k: optim.decays(k, v.ndim, c.no_decay, c.decay_1d) for k, v in params.items()}
   assert sorted(k for k, v in got.items() if v) == sorted(
       ["backbone/patch_embed/kernel", "backbone/block_0/attn/qkv/kernel",
        "backbone/block_0/adapter/down/kernel", "backbone/block_0/adapter/up/kernel",
-       "head/layers_0/kernel", "head/weight_v", "cross_attention/qkv/kernel"])
+       "head/layers_0/kernel", "head/weight_v", "cross_attention/qkv/kernel",
+       "backbone/cls_token", "backbone/pos_embed", "head/weight_g", "backbone/mask_token"])
+  # mmseg's rule (fine-tuning): only the names decide, 1-D weights decay too.
+  assert optim.decays("backbone/block_0/gamma", 1, (r".*/bias",), (r".*",))
+  assert not optim.decays("backbone/block_0/gamma", 1, (r".*/bias",))
 
 
 def np_dino_schedule(base, final, epochs, niter, warmup_epochs):
@@ -94,10 +113,11 @@ def test_schedule_matches_dino():
   assert got.max() == pytest.approx(1.5e-4 / 4, rel=1e-6)
 
 
-def run_steps(c, params, grads, n, steps_per_epoch=3):
+def run_steps(c, params, grads, n, steps_per_epoch=3, norm_last_layer=False):
   """`n` jitted updates; `grads` is one gradient tree or a list, one per step."""
   tx, schedule = optim.build_optimizer(c, params, batch_size=512,
-                                       steps_per_epoch=steps_per_epoch, num_epochs=10)
+                                       steps_per_epoch=steps_per_epoch, num_epochs=10,
+                                       norm_last_layer=norm_last_layer)
   state = tx.init(params)
 
   @jax.jit
@@ -116,6 +136,7 @@ def test_one_step_frozen_and_trainable():
   grads = make_params(seed=1)
   history, state, _ = run_steps(cfg(freeze_last_layer_epochs=0), params, grads, 2)
   labels = flat(optim.param_labels(params, optim.param_rules(cfg())))
+  assert labels["head/weight_g"] == "train"   # build_optimizer's default: no norm_last_layer
   before, after = flat(history[0]), flat(history[2])
   for k, lab in labels.items():
     if lab == "freeze":
@@ -128,11 +149,13 @@ def test_one_step_frozen_and_trainable():
   assert state_floats == 2 * trainable
 
 
-def test_last_layer_held_during_first_epoch():
+@pytest.mark.parametrize("norm_last_layer", [True, False])
+def test_last_layer_held_during_first_epoch(norm_last_layer):
   params = make_params()
   # Different gradients each step, below the clip threshold.
   grads = [jax.tree.map(lambda g: g * 1e-3, make_params(seed=s)) for s in range(1, 5)]
-  history, _, schedule = run_steps(cfg(warmup_epochs=0), params, grads, 4, steps_per_epoch=3)
+  history, _, schedule = run_steps(cfg(warmup_epochs=0), params, grads, 4, steps_per_epoch=3,
+                                   norm_last_layer=norm_last_layer)
   for t in range(1, 4):
     np.testing.assert_array_equal(history[t]["head"]["weight_v"], params["head"]["weight_v"])
     assert np.all(history[t]["head"]["layers_0"]["kernel"]
@@ -143,7 +166,15 @@ def test_last_layer_held_during_first_epoch():
   lr = float(schedule(3))
   want = v - lr * (g / (np.abs(g) + 1e-8) + WD * v)
   np.testing.assert_allclose(history[4]["head"]["weight_v"], want, rtol=1e-5, atol=1e-9)
-  np.testing.assert_array_equal(history[4]["head"]["weight_g"], params["head"]["weight_g"])
+  g0 = params["head"]["weight_g"]
+  for t in range(1, 4):        # g is part of DINO's last layer: held as well
+    np.testing.assert_array_equal(history[t]["head"]["weight_g"], g0)
+  if norm_last_layer:          # ... and stays 1 (here: its initial value) for good
+    np.testing.assert_array_equal(history[4]["head"]["weight_g"], g0)
+  else:                        # ... or trains from step 4, decayed as a 2-D weight
+    gg = np.asarray(grads[3]["head"]["weight_g"])
+    np.testing.assert_allclose(history[4]["head"]["weight_g"],
+                               g0 - lr * (gg / (np.abs(gg) + 1e-8) + WD * g0), rtol=1e-5, atol=1e-9)
 
 
 def test_adamw_matches_numpy_over_steps():
@@ -200,9 +231,9 @@ def test_lr_multipliers():
 
 def test_describe_params():
   params = make_params()
-  lines = optim.describe_params(params, cfg(lr_mults=((r"head/.*", 2.0),)))
+  lines = optim.describe_params(params, cfg(lr_mults=((r"head/.*", 2.0),)), norm_last_layer=True)
   sizes = {k: v.size for k, v in flat(params).items()}
-  labels = flat(optim.param_labels(params, optim.param_rules(cfg())))
+  labels = flat(optim.param_labels(params, rules(cfg())))
   trainable = sum(n for k, n in sizes.items() if labels[k] == "train")
   total = sum(sizes.values())
   assert (trainable, total) == (964, 1420)

@@ -59,9 +59,8 @@ def build_optimizer(config: mlc.ConfigDict, params: Any
     raise ValueError(f"config.optim.name={o.name!r}: fine-tuning implements 'adamw'")
   schedule = seg_schedule.schedule_from_config(config)
   labels = optim.param_labels(params, optim.param_rules(o))
-  # mmseg's rule: decay by name only (1-d weights such as BatchNorm's decay too)
   adamw = optax.adamw(schedule, o.b1, o.b2, eps=optim.ADAM_EPS, weight_decay=o.weight_decay,
-                      mask=optim.decay_mask(o.no_decay, decay_1d=True))
+                      mask=optim.decay_mask(o.no_decay, o.decay_1d))
   if o.clip_grad:     # mmcv's grad_clip: global norm over the trained parameters
     adamw = optax.chain(optax.clip_by_global_norm(o.clip_grad), adamw)
   return optax.multi_transform({"train": adamw, "freeze": optax.set_to_zero()},
@@ -79,7 +78,7 @@ def describe(params: Any, config: mlc.ConfigDict) -> str:
     if label == "train":
       trained += n
       decayed += n * optim.decays(optim.path_str(kp), x.ndim, config.optim.no_decay,
-                                  decay_1d=True)
+                                  config.optim.decay_1d)
   return (f"{total / 1e6:.2f}M parameters, {trained / 1e6:.2f}M trained "
           f"({decayed / 1e6:.2f}M weight-decayed)")
 

@@ -5,8 +5,9 @@ rate is decided by (regex, value) lists matched (fullmatch) against '/'-joined
 paths such as 'backbone/block_3/adapter/up/kernel'; the first match wins
 (`config.optim`: `param_rules` are tried before `PARAM_PRESETS[param_preset]`).
 
-    tx, schedule = build_optimizer(config.optim, params, batch_size,
-                                   steps_per_epoch, config.num_epochs)
+    tx, schedule = build_optimizer(config.optim, params, batch_size, steps_per_epoch,
+                                   config.num_epochs,
+                                   norm_last_layer=config.head.norm_last_layer)
 
 Frozen parameters get `optax.set_to_zero()` and no optimizer state. Trainable
 ones follow UDI's / DINO's training loop:
@@ -14,7 +15,7 @@ ones follow UDI's / DINO's training loop:
   clip      per parameter (DINO's clip_gradients, the default) or by global norm,
             over the trainable parameters only
   AdamW     b1, b2, eps 1e-8, decoupled weight decay except `no_decay` paths and
-            1-D parameters
+            1-D parameters not matched by `decay_1d`
   lr        linear warm-up from 0, then cosine to min_lr (DINO's cosine_scheduler),
             peak = base_lr * batch / base_batch, times a per-path `lr_mults` factor
   last layer  the head's weight-normalised layer gets no update and no optimizer
@@ -50,12 +51,17 @@ def _first_match(path: str, rules: Sequence[tuple[str, Any]]) -> tuple[int, Any]
   return None
 
 
-def param_rules(optim_cfg: Any) -> tuple[tuple[str, str], ...]:
-  """`param_rules` followed by the preset's rules (first match wins)."""
+def param_rules(optim_cfg: Any, *, norm_last_layer: bool = False
+                ) -> tuple[tuple[str, str], ...]:
+  """`param_rules`, then `head/weight_g` frozen if `norm_last_layer` (config.head's:
+  DINO keeps the weight-normalised layer's g at 1), then the preset's rules (first
+  match wins)."""
   if optim_cfg.param_preset not in PARAM_PRESETS:
     raise ValueError(f"unknown optim.param_preset {optim_cfg.param_preset!r}; "
                      f"known: {sorted(PARAM_PRESETS)}")
-  return tuple(tuple(r) for r in optim_cfg.param_rules) + PARAM_PRESETS[optim_cfg.param_preset]
+  fixed_g = (("head/weight_g", "freeze"),) if norm_last_layer else ()
+  return (tuple(tuple(r) for r in optim_cfg.param_rules) + fixed_g
+          + PARAM_PRESETS[optim_cfg.param_preset])
 
 
 def param_labels(params: Any, rules: Sequence[tuple[str, str]]) -> Any:
@@ -73,18 +79,19 @@ def param_labels(params: Any, rules: Sequence[tuple[str, str]]) -> Any:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def decays(path: str, ndim: int, no_decay: Sequence[str], *, decay_1d: bool = False) -> bool:
-  """Weight decay applies unless a `no_decay` pattern matches or the array is 1-D.
+def decays(path: str, ndim: int, no_decay: Sequence[str], decay_1d: Sequence[str] = ()) -> bool:
+  """Weight decay applies unless a `no_decay` pattern matches; a 1-D array decays
+  only if a `decay_1d` pattern matches (DINO's rule: no decay on 1-D parameters;
+  mmseg's, where only the names decide: decay_1d=('.*',))."""
+  if any(re.fullmatch(p, path) for p in no_decay):
+    return False
+  return ndim > 1 or any(re.fullmatch(p, path) for p in decay_1d)
 
-  `decay_1d=True` drops the 1-D rule (mmseg's rule: only the names decide).
-  """
-  return (ndim > 1 or decay_1d) and not any(re.fullmatch(p, path) for p in no_decay)
 
-
-def decay_mask(no_decay: Sequence[str], decay_1d: bool = False) -> Callable[[Any], Any]:
+def decay_mask(no_decay: Sequence[str], decay_1d: Sequence[str] = ()) -> Callable[[Any], Any]:
   """tree -> the bool tree of `decays` (optax's weight-decay mask)."""
   return lambda tree: jax.tree_util.tree_map_with_path(
-      lambda kp, x: decays(path_str(kp), x.ndim, no_decay, decay_1d=decay_1d), tree)
+      lambda kp, x: decays(path_str(kp), x.ndim, no_decay, decay_1d), tree)
 
 
 def lr_mult(path: str, lr_mults: Sequence[tuple[str, float]]) -> float:
@@ -153,11 +160,12 @@ def warmup_cosine(peak: float, final: float, warmup_steps: int,
 
 
 def build_optimizer(optim_cfg: Any, params: Any, batch_size: int, steps_per_epoch: int,
-                    num_epochs: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+                    num_epochs: int, *, norm_last_layer: bool = False
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The pre-training optimizer over `params` ({'backbone', 'head', ...}) and its lr
-  schedule (for logging)."""
+  schedule (for logging); `norm_last_layer` as in `param_rules`."""
   c = optim_cfg
-  train = param_labels(params, param_rules(c))
+  train = param_labels(params, param_rules(c, norm_last_layer=norm_last_layer))
   hold_steps = int(c.freeze_last_layer_epochs * steps_per_epoch)
   labels = jax.tree_util.tree_map_with_path(
       lambda kp, lab: "last_layer" if (lab == "train" and hold_steps > 0
@@ -169,7 +177,8 @@ def build_optimizer(optim_cfg: Any, params: Any, batch_size: int, steps_per_epoc
 
   def adamw(hold: int) -> optax.GradientTransformation:
     core = optax.chain(optax.scale_by_adam(c.b1, c.b2, eps=ADAM_EPS),
-                       optax.add_decayed_weights(c.weight_decay, mask=decay_mask(c.no_decay)))
+                       optax.add_decayed_weights(c.weight_decay,
+                                                 mask=decay_mask(c.no_decay, c.decay_1d)))
     if hold:
       core = hold_for_steps(core, hold)
     return optax.chain(core, optax.scale_by_learning_rate(schedule),
@@ -196,10 +205,11 @@ def _fmt(n: int) -> str:
   return f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
 
 
-def describe_params(params: Any, optim_cfg: Any) -> list[str]:
+def describe_params(params: Any, optim_cfg: Any, *, norm_last_layer: bool = False
+                    ) -> list[str]:
   """What the rules matched, one line each: trainable count, per-rule groups,
   no-decay and lr-multiplier groups."""
-  rules = param_rules(optim_cfg)
+  rules = param_rules(optim_cfg, norm_last_layer=norm_last_layer)
   param_labels(params, rules)  # every path matches a rule, or a clear error
   leaves = [(path_str(kp), x) for kp, x in jax.tree_util.tree_leaves_with_path(params)]
   total = sum(math.prod(x.shape) for _, x in leaves)
@@ -213,7 +223,7 @@ def describe_params(params: Any, optim_cfg: Any) -> list[str]:
     by_rule[i][1] += n
     if rule == "train":
       trainable += n
-      if not decays(path, x.ndim, optim_cfg.no_decay):
+      if not decays(path, x.ndim, optim_cfg.no_decay, optim_cfg.decay_1d):
         no_decay[0] += 1
         no_decay[1] += n
       if re.fullmatch(LAST_LAYER, path) and optim_cfg.freeze_last_layer_epochs > 0:

@@ -61,11 +61,12 @@ def build(config: mlc.ConfigDict, mesh: jax.sharding.Mesh, steps_per_epoch: int)
   objective = build_objective(config, models, steps_per_epoch)
   total_steps = int(config.num_epochs * steps_per_epoch)
   param_shapes = jax.eval_shape(lambda k: init_params(models, k, config), jax.random.key(0))
+  fixed_g = dict(norm_last_layer=config.head.norm_last_layer)
   tx, schedule = optim.build_optimizer(config.optim, param_shapes, config.batch_size,
-                                       steps_per_epoch, config.num_epochs)
-  for line in optim.describe_params(param_shapes, config.optim):
+                                       steps_per_epoch, config.num_epochs, **fixed_g)
+  for line in optim.describe_params(param_shapes, config.optim, **fixed_g):
     logging.info("%s", line)
-  trained = optim.param_labels(param_shapes, optim.param_rules(config.optim))
+  trained = optim.param_labels(param_shapes, optim.param_rules(config.optim, **fixed_g))
 
   def init_state(params, rng):
     return dict(params=params, teacher=params, opt_state=tx.init(params),
