@@ -84,6 +84,16 @@ def check_layout(layout, tmp_path):
     with torch.no_grad():
       ref = mods["ca"](torch.from_numpy(x), rows).numpy()
     np.testing.assert_allclose(ours, ref, atol=1e-4)
+    # Bilinear query maps (the teacher's queries between patches), applied as UDI does.
+    soft = rng.dirichlet(np.ones(4), size=5).astype(np.float32)         # [5, 4] weights
+    q_map = np.zeros((5, 20), np.float32)
+    for i in range(5):
+      q_map[i, rng.choice(20, size=4, replace=False)] = soft[i]
+    ours = CrossAttention(spec.cross_attention["num_heads"]).apply(
+        {"params": params["cross_attention"]}, None, x, q_map=np.broadcast_to(q_map, (2, 5, 20)))
+    with torch.no_grad():
+      ref = mods["ca"](torch.from_numpy(x), torch.from_numpy(q_map)).numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-4)
   else:
     assert "cross_attention" not in params
 

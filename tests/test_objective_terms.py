@@ -154,20 +154,20 @@ def np_layernorm(x, p):
   return (x - mu) / np.sqrt(var + 1e-6) * p["scale"] + p["bias"]
 
 
-def np_cross_attention(p, q, kv, mask, heads):
+def np_cross_attention(p, q, kv, mask, heads, q_map=None):
   """UDI's cross-attention as documented in models/heads.py:
-  LN(LN1(q) + proj(MHA(LN1 q, LN1 kv)))."""
-  d = q.shape[-1]
+  LN(q' + proj(MHA(q', LN1 kv))), q' = LN1(q) or q_map @ LN1(kv)."""
+  d = kv.shape[-1]
   hd = d // heads
   w, bias = np.asarray(p["qkv"]["kernel"]), np.asarray(p["qkv"]["bias"])
-  qn = np_layernorm(q, p["norm1"])
-  qq = (qn @ w + bias)[:, :d].reshape(len(q), heads, hd)
+  qn = np_layernorm(q, p["norm1"]) if q_map is None else q_map @ np_layernorm(kv, p["norm1"])
+  qq = (qn @ w + bias)[:, :d].reshape(len(qn), heads, hd)
   kvp = np_layernorm(kv, p["norm1"]) @ w + bias
   kk, vv = kvp[:, d:2 * d].reshape(len(kv), heads, hd), kvp[:, 2 * d:].reshape(len(kv), heads, hd)
   logits = np.einsum("qhc,khc->hqk", qq, kk) / math.sqrt(hd)
   if mask is not None:
     logits = np.where(mask[None], logits, -np.inf)
-  out = np.einsum("hqk,khc->qhc", np_softmax(logits), vv).reshape(len(q), d)
+  out = np.einsum("hqk,khc->qhc", np_softmax(logits), vv).reshape(len(qn), d)
   return np_layernorm(qn + out @ np.asarray(p["proj"]["kernel"]) + np.asarray(p["proj"]["bias"]),
                       p["norm"])
 
@@ -189,8 +189,9 @@ def test_region_features_given_fixed_regions():
   def features(regions, xs, xt):
     mapped = reg.map_regions(regions, boxes, flips, h, boxes[:, ::-1], flips[:, ::-1], h, 0.5)
     z_s, z_t = glare.region_features(
-        lambda q, kv, m=None: ca.apply({"params": p_s}, q, kv, m),
-        lambda q, kv, m=None: ca.apply({"params": p_t}, q, kv, m), xs, xt, regions, mapped)
+        lambda q, kv: ca.apply({"params": p_s}, q, kv),
+        lambda q_map, kv, m: ca.apply({"params": p_t}, None, kv, m, q_map=q_map),
+        xs, xt, regions, mapped)
     return mapped, z_s, z_t
 
   mapped, z_s, z_t = features(regions, jnp.asarray(xs, jnp.float32), jnp.asarray(xt, jnp.float32))
@@ -201,12 +202,13 @@ def test_region_features_given_fixed_regions():
       for m in range(2):
         want_s = np_cross_attention(p_s, xs[i, v][idx[i, v, m]], xs[i, v], None, heads)
         np.testing.assert_allclose(z_s[i, v, m], want_s, atol=1e-4)
-        q_t = np.stack([(xt[i, v][mp.index[i, v, m, j]] * mp.weight[i, v, m, j][:, None]).sum(0)
-                        for j in range(idx.shape[-1])])
-        ctx = np.broadcast_to(mp.context[i, v, m], (len(q_t), n))
+        q_map = np.zeros((idx.shape[-1], n))    # bilinear rows, mixing LN1(teacher tokens)
+        for j in range(idx.shape[-1]):
+          np.add.at(q_map[j], mp.index[i, v, m, j], mp.weight[i, v, m, j])
+        ctx = np.broadcast_to(mp.context[i, v, m], (len(q_map), n))
         if mp.keep[i, v, m]:
           assert ctx.any()
-          want_t = np_cross_attention(p_t, q_t, xt[i, v], ctx, heads)
+          want_t = np_cross_attention(p_t, None, xt[i, v], ctx, heads, q_map=q_map)
           np.testing.assert_allclose(z_t[i, v, m], want_t, atol=1e-4)
   # The loss: masked mean of H over kept regions' inside slots.
   k = 6

@@ -104,8 +104,10 @@ class Head(nn.Module):
 
 
 class UDICrossAttention(nn.Module):
-  """UDI's wrapper norm1 + MaskedAttention (qkv, proj, post-norm, skip connection),
-  written for one-hot region maps: query rows are picked from the normed tokens."""
+  """UDI's wrapper norm1 + MaskedAttention (qkv, proj, post-norm, skip connection).
+  Queries: `rows` picks rows of the normed tokens (one-hot maps), or a float map
+  [Q, N] multiplies the projected queries and the normed tokens of the skip
+  connection, as UDI applies its bilinear maps."""
 
   def __init__(self, d, heads):
     super().__init__()
@@ -121,10 +123,13 @@ class UDICrossAttention(nn.Module):
     h = self.heads
     xn = self.norm1(x)
     q, k, v = self.attn.qkv(xn).reshape(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
-    q = q[:, :, rows]
+    if isinstance(rows, torch.Tensor):
+      q, skip = rows @ q, rows @ xn      # [B, H, Q, hd], [B, Q, D]
+    else:
+      q, skip = q[:, :, rows], xn[:, rows]
     attn = ((q @ k.transpose(-2, -1)) * (d // h) ** -0.5).softmax(-1)
-    out = self.attn.proj((attn @ v).transpose(1, 2).reshape(b, len(rows), d))
-    return self.attn.norm(out + xn[:, rows])
+    out = self.attn.proj((attn @ v).transpose(1, 2).reshape(b, q.shape[2], d))
+    return self.attn.norm(out + skip)
 
 
 def randomize(module: nn.Module, seed: int) -> nn.Module:

@@ -55,31 +55,38 @@ class ProjectionHead(nn.Module):
 class CrossAttention(nn.Module):
   """Multi-head cross-attention in the shape of UDI's trained module.
 
-    q' = LN1(q), kv' = LN1(kv)
+    q' = LN1(q)  or  q' = q_map @ LN1(kv),   kv' = LN1(kv)
     out = LN(q' + proj(MHA(W_q q', W_k kv', W_v kv')))
 
   A shared pre-LayerNorm `norm1`, one `qkv` projection (its query third applied
   to the queries, its key and value thirds to the context), a residual from the
   normalised queries and a post-LayerNorm `norm`: UDI's `MaskedAttention` with
   its skip connection (its `attn.{qkv, proj, norm}`, plus the wrapper's
-  `norm1`), so a UDI checkpoint's module converts by renaming. `kv_mask` marks
-  valid context tokens, either for all queries ([B, S]) or per query ([B, Q, S],
-  e.g. a different region R' for each group of queries).
+  `norm1`), so a UDI checkpoint's module converts by renaming. Queries are
+  tokens `q` [B, Q, D], or a map `q_map` [B, Q, S] mixing the normalised context
+  tokens (UDI's maps: bilinear rows for positions between patches; the mix
+  comes after `norm1`, as UDI multiplies its map into the normalised tokens).
+  `kv_mask` marks valid context tokens, either for all queries ([B, S]) or per
+  query ([B, Q, S], e.g. a different region R' for each group of queries).
   """
   num_heads: int = 6
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, q: Array, kv: Array, kv_mask: Array | None = None) -> Array:
-    # q: [B, Q, D], kv: [B, S, D]
-    b, nq, d = q.shape
-    s = kv.shape[1]
+  def __call__(self, q: Array | None, kv: Array, kv_mask: Array | None = None,
+               q_map: Array | None = None) -> Array:
+    # q: [B, Q, D] or None with q_map [B, Q, S]; kv: [B, S, D]
+    if (q is None) == (q_map is None):
+      raise ValueError("CrossAttention takes query tokens q or a query map q_map, not both")
+    b, s, d = kv.shape
     hd = d // self.num_heads
     norm1 = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm1")
     qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=trunc_normal, name="qkv")
-    q = norm1(q)
+    kv = norm1(kv)
+    q = norm1(q) if q_map is None else jnp.einsum("bqs,bsd->bqd", q_map.astype(kv.dtype), kv)
+    nq = q.shape[1]
     q_all = qkv(q).reshape(b, nq, 3, self.num_heads, hd)[:, :, 0]  # [B, Q, H, hd]
-    kv_all = qkv(norm1(kv)).reshape(b, s, 3, self.num_heads, hd)
+    kv_all = qkv(kv).reshape(b, s, 3, self.num_heads, hd)
     k, v = kv_all[:, :, 1], kv_all[:, :, 2]  # [B, S, H, hd]
     logits = jnp.einsum("bqhc,bkhc->bhqk", q_all * (hd ** -0.5), k).astype(jnp.float32)
     if kv_mask is not None:

@@ -12,8 +12,9 @@ level; one centre per level ('global', 'region', 'local').
   paired with the other global view X'. Student: z~_r = CA(q = student tokens of
   R's patches, k = v = all student patch tokens of X). Teacher (EMA CA, no
   gradient): z~'_r = CA(q = teacher tokens of X' interpolated bilinearly at the
-  positions of R's patch centres, k = v = teacher tokens of the X' patches of R',
-  the patches overlapping the area R covers). The loss is H(g'(z~'_r), g(z~_r))
+  positions of R's patch centres, after the module's norm1 as in UDI's
+  MaskedAttention, k = v = teacher tokens of the X' patches of R', the patches
+  overlapping the area R covers). The loss is H(g'(z~'_r), g(z~_r))
   for every patch r of a kept region whose centre lies inside X', averaged over
   all such (image, view, region, patch) entries. Cross-attention inputs are the
   last block's tokens before the final LayerNorm, as UDI's module was trained.
@@ -117,8 +118,10 @@ def region_features(student_ca, teacher_ca, xs: Array, xt: Array, regions: reg.R
   """Cross-attention features of regions (eqs. 5 and 6).
 
   Args:
-    student_ca, teacher_ca: `(q [B', Q, D], kv [B', N, D], kv_mask [B', Q, N] | None)
-      -> [B', Q, D]` (the CrossAttention module with student / teacher parameters).
+    student_ca: `(q [B', Q, D], kv [B', N, D]) -> [B', Q, D]`, teacher_ca: `(q_map
+      [B', Q, N], kv [B', N, D], kv_mask [B', Q, N]) -> [B', Q, D]` (the
+      CrossAttention module with student / teacher parameters; q_map's rows mix
+      the normalised kv tokens into queries, as UDI's maps do).
     xs: [B, G, N, D] student patch tokens of each view X.
     xt: [B, G, N, D] teacher patch tokens of the paired view X'.
     regions: regions of X, index/valid [B, G, M, S].
@@ -126,15 +129,15 @@ def region_features(student_ca, teacher_ca, xs: Array, xt: Array, regions: reg.R
   Returns:
     z_s: CA(q = tokens of R's patches, kv = all tokens of X)                  [B, G, M, S, D]
     z_t: CA(q = X' tokens interpolated at R's centres, kv = X' tokens of R')  [B, G, M, S, D]
+  The teacher's queries are interpolated from X' tokens after the module's norm1.
   """
   b, g, n, d = xs.shape
   m, s = regions.index.shape[-2:]
   q_s = common.gather_tokens(xs, regions.index.reshape(b, g, m * s))  # [B, G, M*S, D]
   z_s = student_ca(q_s.reshape(b * g, m * s, d), xs.reshape(b * g, n, d))
   interp = corr.interpolation_matrix(mapped.index, mapped.weight, n)  # [B, G, M, S, N]
-  q_t = jnp.einsum("bgmsn,bgnd->bgmsd", interp, xt)
   ctx = jnp.broadcast_to(mapped.context[:, :, :, None, :], (b, g, m, s, n))
-  z_t = teacher_ca(q_t.reshape(b * g, m * s, d), xt.reshape(b * g, n, d),
+  z_t = teacher_ca(interp.reshape(b * g, m * s, n), xt.reshape(b * g, n, d),
                    ctx.reshape(b * g, m * s, n))
   shape = (b, g, m, s, d)
   return z_s.reshape(shape), z_t.reshape(shape)
@@ -302,8 +305,9 @@ class GlareObjective(common.ObjectiveBase):
                              cfg.min_valid_fraction)
     ca = self.models.cross_attention
     z_s, z_t = region_features(
-        lambda q, kv, mask=None: ca.apply({"params": sp["cross_attention"]}, q, kv, mask),
-        lambda q, kv, mask=None: ca.apply({"params": tp["cross_attention"]}, q, kv, mask),
+        lambda q, kv: ca.apply({"params": sp["cross_attention"]}, q, kv),
+        lambda q_map, kv, mask: ca.apply({"params": tp["cross_attention"]}, None, kv, mask,
+                                         q_map=q_map),
         s_g.last_patches(), other(t.last_patches()), regions, mapped)
     mask = mapped.inside & mapped.keep[..., None]  # [B, G, M, S]
     return z_s, jax.lax.stop_gradient(z_t), mask, mapped.keep

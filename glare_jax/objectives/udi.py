@@ -18,10 +18,11 @@ Three levels, averaged with equal weights, each with its own centre:
   mapped into both globals and passed through the teacher cross-attention for this
   mixture; they have no patch loss (UDI's `local_patch=False`). Pairs as for 'cls'.
 
-Cross-attention inputs are the last block's tokens before the final LayerNorm.
-Unlike UDI, sample positions use this package's patch-centre geometry
-(data/correspondence.py) rather than UDI's corner-aligned normalised grid, and the
-interpolation happens on tokens before the module's LayerNorm.
+Cross-attention inputs are the last block's tokens before the final LayerNorm;
+the teacher's queries are interpolated from them after the module's norm1, as
+UDI's maps are applied. Unlike UDI, sample positions use this package's
+patch-centre geometry (data/correspondence.py) rather than UDI's corner-aligned
+normalised grid.
 """
 
 from __future__ import annotations
@@ -99,12 +100,13 @@ class UdiObjective(common.ObjectiveBase):
                    q_s.reshape(b * g, sg, d), xs.reshape(b * g, n, d)).reshape(b, g, sg, d)
     # Teacher cross-attention per teacher view t: queries from the other global's
     # samples and from every local's samples, all interpolated in view t.
+    # The maps mix the normalised teacher tokens (after the module's norm1, as UDI).
     xt = t.last_patches()                                                             # [B, G, N, D]
-    q_tg = jnp.einsum("bvsn,bvnd->bvsd", interp_g, other(xt))    # by student view v
-    q_tl = jnp.einsum("bltsn,btnd->btlsd", interp_l, xt)         # by teacher view t
-    q_t = jnp.concatenate([other(q_tg), q_tl.reshape(b, g, nl * sl, d)], axis=2)
-    z_t = ca.apply({"params": teacher_params["cross_attention"]},
-                   q_t.reshape(b * g, sg + nl * sl, d), xt.reshape(b * g, n, d))
+    map_g = other(interp_g)                                      # [B, G(t), Sg, N]
+    map_l = jnp.moveaxis(interp_l, 2, 1).reshape(b, g, nl * sl, n)                   # [B, G(t), L Sl, N]
+    map_t = jnp.concatenate([map_g, map_l], axis=2)
+    z_t = ca.apply({"params": teacher_params["cross_attention"]}, None,
+                   xt.reshape(b * g, n, d), q_map=map_t.reshape(b * g, sg + nl * sl, n))
     z_t = jax.lax.stop_gradient(z_t).reshape(b, g, sg + nl * sl, d)
     z_tg = other(z_t[:, :, :sg])                                                      # [B, G(v), Sg, D]
     z_tl = z_t[:, :, sg:].reshape(b, g, nl, sl, d).transpose(0, 2, 1, 3, 4)           # [B, L, G, Sl, D]
