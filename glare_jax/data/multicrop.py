@@ -216,12 +216,20 @@ def _check_image(image, name: str) -> None:
     raise ValueError(f"{name}: image must be [H, W, 3] uint8, got {image.shape} {image.dtype}")
 
 
+def _integer_box(box: np.ndarray) -> tuple[int, int, int, int]:
+  """(x0, y0, x1, y1) of a sampled box, whose corners are whole pixels."""
+  corners = tuple(int(round(float(b))) for b in box)
+  if not np.allclose(box, corners):
+    raise ValueError(f"render_views: crop boxes have integer corners, got {box}")
+  return corners
+
+
 def render_views(image: np.ndarray, views: dict, cfg) -> dict[str, np.ndarray]:
   """Host renderer (grain workers): the normalised crops of one record.
 
-  image: [H, W, 3] uint8. Crop + resize is PIL's `resize(size, BICUBIC, box=...)`,
-  which resamples the box with an antialiased bicubic filter (a = -0.5) in C, like
-  torchvision's PIL path; the photometric ops run vectorised in NumPy.
+  image: [H, W, 3] uint8. Crop, then resize with PIL's antialiased bicubic filter
+  (a = -0.5) in C: torchvision's `resized_crop` on PIL images, so the filter stops
+  at the box's edges as at the image's; the photometric ops run vectorised in NumPy.
   Returns global_crops [G, Sg, Sg, 3] and local_crops [L, Sl, Sl, 3], float32.
   """
   _check_image(image, "render_views")
@@ -229,7 +237,7 @@ def render_views(image: np.ndarray, views: dict, cfg) -> dict[str, np.ndarray]:
   crops = []
   for v, box in enumerate(views["boxes"]):
     size = cfg.global_size if v < cfg.num_global else cfg.local_size
-    crop = pil.resize((size, size), Image.Resampling.BICUBIC, box=tuple(map(float, box)))
+    crop = pil.crop(_integer_box(box)).resize((size, size), Image.Resampling.BICUBIC)
     x = np.asarray(crop, np.float32) / 255.0  # [S, S, 3]
     if views["flips"][v]:
       x = x[:, ::-1]
@@ -286,15 +294,17 @@ def resample_weights(start: jax.Array, extent: jax.Array, out_size: int, in_size
   Output pixel u samples source coordinate c_u = start + (u + 0.5) extent / out_size;
   source pixel i is centred at i + 0.5 and weighs k((i + 0.5 - c_u) / max(1, step))
   with the Keys cubic k, stretched when downsampling (antialiasing: PIL's and
-  `jax.image.scale_and_translate`'s rule). Pixels at or beyond `valid` (the image
-  inside its zero padding) weigh nothing; each row is normalised to sum to 1 over
-  the rest, which is how PIL treats the image border.
+  `jax.image.scale_and_translate`'s rule). Only pixels centred inside the span
+  and before `valid` (the image inside its zero padding) weigh; each row is
+  normalised to sum to 1 over them. That is PIL resizing a crop of the span
+  (torchvision's `resized_crop`): its filter stops at the crop's border.
   """
   step = extent / out_size
   centre = start + (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * step  # [S]
   pixel = jnp.arange(in_size, dtype=jnp.float32) + 0.5                      # [N]
   w = keys_cubic((pixel[None, :] - centre[:, None]) / jnp.maximum(step, 1.0))
-  w = jnp.where(pixel[None, :] < valid, w, 0.0)
+  inside = (pixel >= start) & (pixel < start + extent) & (pixel < valid)
+  w = jnp.where(inside[None, :], w, 0.0)
   total = jnp.sum(w, axis=-1, keepdims=True)
   return jnp.where(total > 0, w / jnp.where(total > 0, total, 1.0), 0.0)
 
