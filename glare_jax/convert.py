@@ -7,14 +7,18 @@ Layouts read (SPEC section 8):
         'udi_loss', 'fp16_scaler'}: ViT keys under 'backbone.backbone.', UDI's
         cross-attention 'backbone.attn.{qkv,proj,norm}' + 'backbone.norm1', the
         shared head stored three times as 'head.{0,1,2}.*'; student keys carry
-        'module.'. Or a flat ViT state dict (backbone only).
+        'module.'. Or a flat ViT state dict (backbone only), or what UDI's
+        extract_backbone_weights script writes: 'backbone.<ViT key>' beside the
+        cross-attention's 'attn.*' and 'norm1.*'.
   dino  a flat ViT state dict (dino_deitsmall16_pretrain.pth) or a DINO training
         checkpoint ('backbone.*', 'head.*').
-  ibot  {'state_dict': flat ViT state dict}, 'masked_embed' -> our mask_token.
+  ibot  {'state_dict': flat ViT state dict}, 'masked_embed' -> our mask_token; or
+        an iBOT training checkpoint, whose patch head ('head.last_layer2.*',
+        'head.mlp2.*') is left out: GLARE has one head for every level.
   flsl  like dino; a fixed sin-cos position table without prefix rows, so the
         (unused) cls_token is dropped and num_prefix = 0.
 Only tensors of the chosen network are read; optimizer, loss and fp16-scaler
-state and the pickled arguments are ignored. Sizes (width, depth, heads, patch,
+state and the pickled arguments are left out, and the notes say so. Sizes (width, depth, heads, patch,
 prefix tokens, position grid, head K) come from the shapes.
 
 Output: DIR/params ({'backbone', ['head'], ['cross_attention']}, see
@@ -104,6 +108,25 @@ def _is_vit(sd: dict[str, Any]) -> bool:
   return "patch_embed.proj.weight" in sd
 
 
+CA_PREFIXES = ("attn.", "norm1.")   # UDI's cross-attention beside a backbone
+IBOT_PATCH_HEAD = ("head.last_layer2.", "head.mlp2.")   # iBOT's head for patch tokens
+
+
+def _flat_parts(sd: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+  """A flat state dict -> (ViT keys, UDI cross-attention keys, other keys).
+
+  'module.' and a 'backbone.' carried by every key are dropped; where only some
+  keys carry 'backbone.' (UDI's extract_backbone_weights output), those are the
+  ViT and 'attn.*' / 'norm1.*' the cross-attention."""
+  sd = _strip(dict(sd), "module.")
+  if not any(k.startswith("backbone.") for k in sd) or all(k.startswith("backbone.") for k in sd):
+    return _strip(sd, "backbone."), {}, []
+  vit = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+  ca = {k: v for k, v in sd.items() if k.startswith(CA_PREFIXES)}
+  rest = sorted(k for k in sd if not k.startswith(("backbone.",) + CA_PREFIXES))
+  return vit, ca, rest
+
+
 # ---------------------------------------------------------------------------
 # Layouts -> {'backbone': flat dict, 'head': ..., 'cross_attention': ...}.
 
@@ -119,8 +142,10 @@ def detect_format(ckpt: Any, path: pathlib.Path) -> str:
     pos = net.get("backbone.pos_embed")
     if "flsl_loss" in ckpt or (pos is not None and _prefix_rows(pos.shape[1]) == 0):
       return "flsl"
+    if any(k.startswith(IBOT_PATCH_HEAD) for k in net):
+      return "ibot"
     return "dino"
-  flat = _strip(_strip(ckpt, "module."), "backbone.")
+  flat, _, _ = _flat_parts(ckpt)
   if _is_vit(flat) and "pos_embed" in flat:
     return {0: "flsl", 2: "udi"}.get(_prefix_rows(flat["pos_embed"].shape[1]), "dino")
   keys = sorted(ckpt)[:8]
@@ -128,23 +153,28 @@ def detect_format(ckpt: Any, path: pathlib.Path) -> str:
                         "expected a ViT state dict, {'state_dict': ...} or {'student', 'teacher'}")
 
 
-def split_networks(ckpt: dict[str, Any], fmt: str, which: str,
-                   path: pathlib.Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
-  """The chosen network's tensors grouped by part; returns (groups, unknown keys)."""
+def split_networks(ckpt: dict[str, Any], fmt: str, which: str, path: pathlib.Path
+                   ) -> tuple[dict[str, dict[str, Any]], list[str], list[str]]:
+  """The chosen network's tensors grouped by part; returns (groups, unknown keys,
+  notes on what was left out)."""
   if "teacher" in ckpt or "student" in ckpt:
     if which not in ckpt:
       raise ConversionError(f"{path}: has no {which!r} network (keys {sorted(ckpt)})")
     sd = _strip(dict(ckpt[which]), "module.")
-    return _split_training_state(sd, path)
+    groups, unknown, notes = _split_training_state(sd, path)
+    others = sorted(str(k) for k in ckpt if k != which)
+    notes.insert(0, f"left out: the checkpoint's {', '.join(others)}")
+    return groups, unknown, notes
   sd = ckpt["state_dict"] if fmt == "ibot" and "state_dict" in ckpt else ckpt
-  sd = _strip(_strip(dict(sd), "module."), "backbone.")
-  return {"backbone": sd}, []
+  vit, ca, rest = _flat_parts(sd)
+  return {"backbone": vit, **({"cross_attention": ca} if ca else {})}, rest, []
+
 
 
 def _split_training_state(sd: dict[str, Any], path: pathlib.Path):
   udi = any(k.startswith("backbone.backbone.") for k in sd)
   groups: dict[str, dict[str, Any]] = {"backbone": {}, "head": {}, "cross_attention": {}}
-  unknown, wrapper_norm = [], {}
+  unknown, wrapper_norm, patch_head, notes = [], {}, [], []
   for k, v in sd.items():
     if udi and k.startswith("backbone.backbone."):
       groups["backbone"][k[len("backbone.backbone."):]] = v
@@ -152,6 +182,8 @@ def _split_training_state(sd: dict[str, Any], path: pathlib.Path):
       groups["cross_attention"][k[len("backbone."):]] = v
     elif not udi and k.startswith("backbone."):
       groups["backbone"][k[len("backbone."):]] = v
+    elif k.startswith(IBOT_PATCH_HEAD):
+      patch_head.append(k)
     elif k.startswith("head."):
       groups["head"][k[len("head."):]] = v
     elif k.startswith("norm."):  # FLSL with layernorm_on_mode keeps the final norm outside
@@ -163,8 +195,15 @@ def _split_training_state(sd: dict[str, Any], path: pathlib.Path):
       unknown.append(k)
     else:
       groups["backbone"][k] = v
+  if wrapper_norm and not unknown:
+    notes.append("FLSL (layernorm_on_mode): the wrapper's norm, which FLSL applies to the "
+                 "mean-shift modes before its head, becomes the backbone's final norm")
+  if patch_head:
+    notes.append(f"left out: iBOT's patch head ({len(patch_head)} tensors, "
+                 f"{', '.join(sorted({k.split('.')[1] for k in patch_head}))}); "
+                 "GLARE has one head for every level, the [CLS] head converted here")
   groups["head"] = _dedupe_heads(groups["head"], path)
-  return {g: d for g, d in groups.items() if d}, unknown
+  return {g: d for g, d in groups.items() if d}, unknown, notes
 
 
 def _dedupe_heads(head: dict[str, Any], path: pathlib.Path) -> dict[str, Any]:
@@ -204,7 +243,11 @@ def infer_spec(groups: dict[str, dict[str, Any]], fmt: str, which: str,
                path: pathlib.Path) -> tuple[ModelSpec, list[str]]:
   """Model sizes from tensor shapes; returns (spec, notes)."""
   bb, notes = groups["backbone"], []
-  d, _, p, _ = _need(bb, "patch_embed.proj.weight", "the backbone", path).shape
+  patch_w = _need(bb, "patch_embed.proj.weight", "the backbone", path)
+  if len(patch_w.shape) != 4:
+    raise ConversionError(f"{path}: patch_embed.proj.weight has shape {tuple(patch_w.shape)}; "
+                          "expected a convolution (width, 3, patch, patch)")
+  d, _, p, _ = patch_w.shape
   blocks = [int(m.group(1)) for k in bb if (m := re.match(r"blocks\.(\d+)\.", k))]
   if not blocks:
     raise ConversionError(f"{path}: the backbone has no 'blocks.<i>.*' keys")
@@ -228,9 +271,15 @@ def infer_spec(groups: dict[str, dict[str, Any]], fmt: str, which: str,
   head_info = None
   if "head" in groups:
     h = groups["head"]
+    if any(k.endswith("running_mean") for k in h):
+      raise ConversionError(f"{path}: the head has BatchNorm layers (DINO's use_bn_in_head), "
+                            "which the projection head here does not have")
     linears = sorted(int(m.group(1)) for k in h if (m := re.fullmatch(r"mlp\.(\d+)\.weight", k)))
     if "mlp.weight" in h:
       linears = [-1]
+    if not linears:
+      raise ConversionError(f"{path}: the head has no Linear weights ('mlp.<i>.weight' or "
+                            f"'mlp.weight'); its keys: {sorted(h)[:8]}")
     v = _need(h, "last_layer.weight_v", "the head", path)
     first = h["mlp.weight" if linears == [-1] else f"mlp.{linears[0]}.weight"]
     head_info = dict(out_dim=v.shape[0], bottleneck_dim=v.shape[1],
@@ -344,13 +393,13 @@ def convert_checkpoint(path: pathlib.Path, fmt: str = "auto", which: str = "teac
   ckpt = read_torch_file(path, trust_pickle)
   detected = detect_format(ckpt, path)
   fmt = detected if fmt == "auto" else fmt
-  groups, unknown = split_networks(ckpt, fmt, which, path)
+  groups, unknown, left_out = split_networks(ckpt, fmt, which, path)
   is_training = "teacher" in ckpt or "student" in ckpt
   if "head" in groups:
     groups["head"] = _weight_norm_names(groups["head"])
   spec, notes = infer_spec(groups, fmt, which if is_training else "", path)
-  notes.insert(0, f"format {fmt}" + ("" if fmt == detected else f" (detected {detected})")
-               + (f", {which}" if is_training else ""))
+  notes[:0] = [f"format {fmt}" + ("" if fmt == detected else f" (detected {detected})")
+               + (f", {which}" if is_training else ""), *left_out]
   problems = [f"unknown key {k}" for k in unknown]
   params = {}
   for part, sd in groups.items():

@@ -138,6 +138,47 @@ def test_parametrized_weight_norm_head(tmp_path):
     np.testing.assert_allclose(ours, head(torch.from_numpy(x)).numpy(), atol=1e-5)
 
 
+def test_udi_extracted_backbone_keeps_its_cross_attention(tmp_path, capsys):
+  """UDI's extract_backbone_weights output: 'backbone.<ViT key>' beside 'attn.*' and
+  'norm1.*' (its teacher with the first 'backbone.' cut off)."""
+  ckpt, _ = make_layout("udi_full", TINY, grid=4)
+  extracted = {k[len("backbone."):]: v for k, v in ckpt["teacher"].items()
+               if k.startswith("backbone.")}
+  full, _ = convert_file(tmp_path, ckpt, name="full")
+  params, spec = convert_file(tmp_path, extracted, name="extracted")
+  assert spec.source_format == "udi" and spec.num_prefix == 2 and "head" not in params
+  jax.tree.map(np.testing.assert_array_equal, params["backbone"], full["backbone"])
+  jax.tree.map(np.testing.assert_array_equal, params["cross_attention"], full["cross_attention"])
+  extracted["extra.weight"] = torch.zeros(3)
+  code, err = run_cli(tmp_path, extracted, capsys=capsys)
+  assert code == 2 and "unknown key extra.weight" in err
+
+
+def test_ibot_training_checkpoint_leaves_out_the_patch_head(tmp_path, capsys):
+  """iBOT's training checkpoint stores its patch head as head.last_layer2 (the
+  same module as last_layer when the head is shared); GLARE has one head."""
+  vit = tv.randomize(tv.ViT(**{k: TINY[k] for k in ("d", "depth", "heads", "mlp")},
+                            num_prefix=1, grid=4), 0)
+  head = tv.randomize(tv.Head(TINY["d"], k=32, hidden=16, bottleneck=8), 1)
+  sd = {f"backbone.{k}": v for k, v in vit.state_dict().items()}
+  sd.update({f"head.{k}": v for k, v in head.state_dict().items()})
+  sd.update({f"head.last_layer2.{k}": v for k, v in head.last_layer.state_dict().items()})
+  sd["backbone.masked_embed"] = torch.zeros(1, TINY["d"])
+  src = tmp_path / "ibot.pth"
+  torch.save({"teacher": sd, "student": sd, "epoch": 3, "optimizer": {}}, src)
+  assert convert.main(["--src", str(src), "--out", str(tmp_path / "out")]) == 0
+  notes = capsys.readouterr().out
+  assert "format ibot, teacher" in notes and "iBOT's patch head (2 tensors, last_layer2)" in notes
+  assert "left out: the checkpoint's epoch, optimizer, student" in notes
+  params, spec = load.load_converted(tmp_path / "out")
+  assert spec.source_format == "ibot" and spec.mask_token and spec.head_dim_out == 32
+  x = np.random.default_rng(0).normal(size=(2, TINY["d"])).astype(np.float32)
+  with torch.no_grad():
+    want = head(torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(ProjectionHead(32, 16, 8, 3).apply({"params": params["head"]}, x),
+                             want, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------
 # Errors.
 
@@ -227,6 +268,22 @@ def test_refuses_to_overwrite(tmp_path, capsys):
   code, err = run_cli(tmp_path, tiny_flat(), capsys=capsys)
   assert code == 2 and "--overwrite" in err
   assert run_cli(tmp_path, tiny_flat(), "--overwrite", capsys=capsys)[0] == 0
+
+
+def test_heads_that_do_not_fit_are_named(tmp_path, capsys):
+  sd = {f"backbone.{k}": v for k, v in tiny_flat().items()}
+  head = tv.Head(TINY["d"], k=32, hidden=16, bottleneck=8).state_dict()
+  no_mlp = dict(sd, **{f"head.{k}": v for k, v in head.items() if k.startswith("last_layer")})
+  code, err = run_cli(tmp_path, {"teacher": no_mlp}, capsys=capsys)
+  assert code == 2 and "bad.pth" in err and "the head has no Linear weights" in err
+  bn = dict(sd, **{f"head.{k}": v for k, v in head.items()})
+  bn["head.mlp.1.running_mean"] = torch.zeros(16)
+  code, err = run_cli(tmp_path, {"teacher": bn}, capsys=capsys)
+  assert code == 2 and "bad.pth" in err and "BatchNorm" in err
+  flat = tiny_flat()
+  flat["patch_embed.proj.weight"] = flat["patch_embed.proj.weight"].reshape(64, -1)
+  code, err = run_cli(tmp_path, flat, capsys=capsys)
+  assert code == 2 and "expected a convolution" in err
 
 
 def test_unrecognised_layout(tmp_path, capsys):
