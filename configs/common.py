@@ -210,6 +210,8 @@ def udi_config() -> mlc.ConfigDict:
       global_window=3,              # one sampled token per 3x3 window on global views
       local_window=2,               # 2x2 on local views
       random_sampling=True,         # UDI: a random token per window (False: the window's first)
+      align_corners=True,           # UDI's geometry: token k at k/(F-1) between the crop's
+                                    # first and last pixel centres; False: patch centres (GLARE's)
       num_heads=6,                  # must equal cross_attention.num_heads (one module)
   ))
 

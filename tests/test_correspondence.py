@@ -161,3 +161,66 @@ def test_interpolation_matrix_matches_gather():
                        for b in range(2)])
   np.testing.assert_allclose(m @ values, gathered, atol=1e-5)
   np.testing.assert_allclose(m.sum(-1), 1.0, atol=1e-5)
+
+
+def udi_maps(src, src_flip, dst, dst_flip, shape, fs, fd):
+  """UDI's correspondence maps in NumPy, written from its udi_augmentation.py:
+  crops (i, j, h, w) of an image `shape`, normalised corner coordinates
+  (first / last pixel index over size - 1, the column pair swapped when
+  flipped), token k at k / (F - 1) of that span; a token matches when strictly
+  inside the destination's span, its map is bilinear over destination tokens.
+  Returns (valid [Fs^2], maps [Fs^2, Fd^2])."""
+  hh, ww = shape
+
+  def coord(crop, flip):
+    i, j, h, w = crop
+    c = np.array([i / (hh - 1), j / (ww - 1), (i + h - 1) / (hh - 1), (j + w - 1) / (ww - 1)])
+    return c[[0, 3, 2, 1]] if flip else c
+
+  cs, cd = coord(src, src_flip), coord(dst, dst_flip)
+  mesh = np.stack(np.meshgrid(np.linspace(0, 1, fs), np.linspace(0, 1, fs), indexing="ij"),
+                  -1).reshape(-1, 2)
+  ij = cs[:2] + mesh * (cs[2:] - cs[:2])
+  lo, hi = np.minimum(cd[:2], cd[2:]), np.maximum(cd[:2], cd[2:])
+  valid = ((ij > lo) & (ij < hi)).all(-1)
+  t = (ij - cd[:2]) * (fd - 1) / (cd[2:] - cd[:2])
+  maps = np.zeros((fs * fs, fd, fd))
+  for q in np.nonzero(valid)[0]:
+    (a, b), (a0, b0) = t[q], np.floor(t[q]).astype(int)
+    a1, b1 = min(a0 + 1, fd - 1), min(b0 + 1, fd - 1)
+    maps[q, a0, b0] += (a0 + 1 - a) * (b0 + 1 - b)
+    maps[q, a0, b1] += (a0 + 1 - a) * (b - b0)
+    maps[q, a1, b0] += (a - a0) * (b0 + 1 - b)
+    maps[q, a1, b1] += (a - a0) * (b - b0)
+  return valid, maps.reshape(fs * fs, fd * fd)
+
+
+def test_corner_aligned_matches_follow_udi():
+  """`align_corners=True` (the UDI objective's default) gives UDI's maps, flips included."""
+  rng = np.random.default_rng(7)
+  shape = (300, 400)
+  match_c = jax.jit(functools.partial(corr.match_patches, align_corners=True),
+                    static_argnums=(2, 5))
+  stats = []
+  for trial in range(8):
+    fs = 6 if trial % 2 else 14
+    dh, dw = (int(x) for x in rng.integers(150, 280, size=2))
+    dst = (int(rng.integers(0, shape[0] - dh)), int(rng.integers(0, shape[1] - dw)), dh, dw)
+    sh, sw = (int(x) for x in rng.integers(60, 150, size=2))   # overlapping dst
+    src = (int(np.clip(dst[0] + rng.integers(-sh // 2, dh - sh // 2), 0, shape[0] - sh)),
+           int(np.clip(dst[1] + rng.integers(-sw // 2, dw - sw // 2), 0, shape[1] - sw)), sh, sw)
+    flips = rng.random(2) < 0.5
+    box = lambda c: np.array([c[1], c[0], c[1] + c[3], c[0] + c[2]], np.float32)  # noqa: E731
+    c = match_c(box(src), flips[0], fs, box(dst), flips[1], 14)
+    valid, maps = udi_maps(src, flips[0], dst, flips[1], shape, fs, 14)
+    assert valid.any()
+    stats.append((valid.all(), *flips))
+    np.testing.assert_array_equal(np.asarray(c.valid), valid)
+    got = np.asarray(corr.interpolation_matrix(c.index, c.weight, 196))
+    np.testing.assert_allclose(got, maps, atol=1e-4)
+  assert {s[0] for s in stats} == {True, False}     # whole and partial overlaps
+  assert {s[1] for s in stats} == {s[2] for s in stats} == {True, False}   # both flips
+  # and differs from the patch-centre geometry the other objectives use
+  centre = match(box(src), flips[0], fs, box(dst), flips[1], 14)
+  assert np.abs(np.asarray(corr.interpolation_matrix(centre.index, centre.weight, 196))
+                - maps).max() > 0.1

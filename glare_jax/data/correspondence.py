@@ -121,22 +121,56 @@ class Correspondence(NamedTuple):
 
 
 def match_patches(src_box: Array, src_flip: Array, src_grid: Grid,
-                  dst_box: Array, dst_flip: Array, dst_grid: Grid) -> Correspondence:
+                  dst_box: Array, dst_flip: Array, dst_grid: Grid, *,
+                  align_corners: bool = False) -> Correspondence:
   """For every source patch centre, its position in the destination patch grid.
 
   Args:
     src_box, dst_box: [..., 4] float boxes (x0, y0, x1, y1) in source-image pixels.
     src_flip, dst_flip: [...] bool, the view is mirrored horizontally after cropping.
     src_grid, dst_grid: static patch grids, `g` or `(h, w)`.
+    align_corners: UDI's geometry instead of patch centres (`_corner_aligned`).
   Returns:
     A `Correspondence` with leading axes broadcast from the boxes and flips.
   """
+  if align_corners:
+    return _corner_aligned(src_box, src_flip, src_grid, dst_box, dst_flip, dst_grid)
   centres = patch_centres(src_grid)  # [N, 2]
   pos = map_points(centres, src_box, src_flip, src_grid, dst_box, dst_flip, dst_grid)
   valid = inside(pos, dst_grid)
   index, weight = bilinear_neighbours(pos, dst_grid)
   weight = weight * valid[..., None]
   return Correspondence(pos, valid, index, weight)
+
+
+def _corner_aligned(src_box, src_flip, src_grid, dst_box, dst_flip, dst_grid) -> Correspondence:
+  """UDI's correspondences (its udi_augmentation.py): token k of an F-token side
+  sits at k / (F - 1) of the span between the centres of the crop's first and
+  last pixels, so the corner tokens sit on the corner pixels; a token matches
+  when it falls strictly inside the destination's span, and its target is
+  bilinear between the destination's tokens at those positions. `pos` is the
+  position among the destination's tokens with token i at i + 0.5, as elsewhere."""
+  (hs, ws), (hd, wd) = grid_hw(src_grid), grid_hw(dst_grid)
+  rows, cols = jnp.meshgrid(jnp.linspace(0.0, 1.0, hs), jnp.linspace(0.0, 1.0, ws), indexing="ij")
+  frac = jnp.stack([rows, cols], -1).reshape(hs * ws, 2)            # [N, 2] of the span
+
+  def span(box):  # (y, x) of the first and last pixel centres, [..., 1]
+    box = jnp.asarray(box, jnp.float32)[..., None, :]
+    return box[..., 1] + 0.5, box[..., 0] + 0.5, box[..., 3] - 0.5, box[..., 2] - 0.5
+
+  sy0, sx0, sy1, sx1 = span(src_box)
+  fx = jnp.where(jnp.asarray(src_flip)[..., None], 1.0 - frac[:, 1], frac[:, 1])
+  y = sy0 + frac[:, 0] * (sy1 - sy0)
+  x = sx0 + fx * (sx1 - sx0)
+  dy0, dx0, dy1, dx1 = span(dst_box)
+  fy_d = (y - dy0) / (dy1 - dy0)
+  fx_d = (x - dx0) / (dx1 - dx0)
+  fx_d = jnp.where(jnp.asarray(dst_flip)[..., None], 1.0 - fx_d, fx_d)
+  valid = (fy_d > 0) & (fy_d < 1) & (fx_d > 0) & (fx_d < 1)
+  tokens = jnp.stack([fy_d * (hd - 1), fx_d * (wd - 1)], -1)        # [..., N, 2] token units
+  pos = tokens + 0.5
+  index, weight = bilinear_neighbours(pos, dst_grid)
+  return Correspondence(pos, valid, index, weight * valid[..., None])
 
 
 def interpolation_matrix(index: Array, weight: Array, n: int) -> Array:

@@ -20,9 +20,8 @@ Three levels, averaged with equal weights, each with its own centre:
 
 Cross-attention inputs are the last block's tokens before the final LayerNorm;
 the teacher's queries are interpolated from them after the module's norm1, as
-UDI's maps are applied. Unlike UDI, sample positions use this package's
-patch-centre geometry (data/correspondence.py) rather than UDI's corner-aligned
-normalised grid.
+UDI's maps are applied. Sample positions follow UDI's corner-aligned grid
+(`udi.align_corners`, data/correspondence.py); False uses GLARE's patch centres.
 """
 
 from __future__ import annotations
@@ -83,11 +82,13 @@ class UdiObjective(common.ObjectiveBase):
 
     # Where the samples fall in the teacher's globals.
     bg, fg, bl, fl = boxes[:, :g], flips[:, :g], boxes[:, g:], flips[:, g:]
-    cg = corr.match_patches(bg, fg, gg, other(bg), other(fg), gg)                    # [B, G, N]
+    corners = dict(align_corners=cfg.align_corners)
+    cg = corr.match_patches(bg, fg, gg, other(bg), other(fg), gg, **corners)        # [B, G, N]
     valid_g = jnp.take_along_axis(cg.valid, idx_g, -1)                                # [B, G, Sg]
     take = common.gather_tokens
     interp_g = corr.interpolation_matrix(take(cg.index, idx_g), take(cg.weight, idx_g), n)
-    cl = corr.match_patches(bl[:, :, None], fl[:, :, None], gl, bg[:, None], fg[:, None], gg)
+    cl = corr.match_patches(bl[:, :, None], fl[:, :, None], gl, bg[:, None], fg[:, None], gg,
+                            **corners)
     valid_l = jnp.take_along_axis(cl.valid, idx_l4, -1)                               # [B, L, G, Sl]
     interp_l = corr.interpolation_matrix(take(cl.index, idx_l4), take(cl.weight, idx_l4), n)
 
