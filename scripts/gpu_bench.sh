@@ -57,9 +57,17 @@ else
 fi
 
 # 2. glare_jax.bench: one JSON line per run into bench.jsonl, stderr tails kept.
+# A run with the same arguments as an earlier one (the rehearsal's small batches
+# make b128 and b64 alike) is skipped.
+declare -A SEEN=()
 bench() {
   local name=$1 want=$2 line
   shift 2
+  if [[ -n ${SEEN["$*"]:-} ]]; then
+    log "bench $name: the same run as ${SEEN["$*"]}, skipped"
+    return 0
+  fi
+  SEEN["$*"]=$name
   log "bench $name: $*"
   line=$(limited "$want" python3 -m glare_jax.bench "$@" 2> "$OUT/stderr_$name.txt" | tail -1)
   if [[ $line == "{"* ]]; then

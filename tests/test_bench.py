@@ -101,14 +101,16 @@ def test_gpu_script_rehearsal_on_cpu(tmp_path):
                      capture_output=True, text=True, timeout=1200)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   runs = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
+  # fast_b64 is fast_b128 at the rehearsal's batch of 8: skipped as the same run
   assert [x["run"] for x in runs] == ["fast_b512", "epoch_b512", "fast_b512_save_dots",
-                                      "fast_b128", "fast_b64", "fast_b512_xla_attention",
+                                      "fast_b128", "fast_b512_xla_attention",
                                       "plain_device_aug_b128"]
+  assert "bench fast_b64: the same run as fast_b128, skipped" in (out / "log.txt").read_text()
   assert all(x["img_per_s"] > 0 and x["compile_s"] > 0 for x in runs)
   assert runs[1]["mode"] == "epoch" and runs[1]["run_s"] > 0
   assert runs[2]["config"]["remat_policy"] == "dots_with_no_batch_dims_saveable"
-  assert runs[5]["config"]["attention"] == "xla"
-  assert runs[6]["config"]["augment_on"] == "device" and runs[6]["config"]["data_cache"] == "none"
+  assert runs[4]["config"]["attention"] == "xla"
+  assert runs[5]["config"]["augment_on"] == "device" and runs[5]["config"]["data_cache"] == "none"
   table = (out / "table.txt").read_text().splitlines()
   assert len(table) == 2 + len(runs) + 1 and table[-1].startswith("device: cpu")
   profile = (out / "profile_b512.txt").read_text()
