@@ -110,6 +110,11 @@ def test_model_json_and_which(tmp_path):
                                 mods["vit"].pos_embed.detach().numpy())
   want = ckpt["student"]["module.backbone.backbone.pos_embed"].numpy()
   np.testing.assert_array_equal(student["backbone"]["pos_embed"], want)
+  for part, ours, key in (("head", ("weight_v",), "module.head.0.last_layer.weight_v"),
+                          ("cross_attention", ("qkv", "kernel"), "module.backbone.attn.qkv.weight")):
+    got = functools.reduce(lambda t, k: t[k], ours, student[part])   # the student's, not the teacher's
+    np.testing.assert_array_equal(got, ckpt["student"][key].numpy().T)
+    assert not np.array_equal(got, functools.reduce(lambda t, k: t[k], ours, teacher[part]))
   qkv = ckpt["teacher"]["backbone.backbone.blocks.1.attn.qkv.weight"].numpy()
   np.testing.assert_array_equal(teacher["backbone"]["block_1"]["attn"]["qkv"]["kernel"], qkv.T)
   conv = ckpt["teacher"]["backbone.backbone.patch_embed.proj.weight"].numpy()
