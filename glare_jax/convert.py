@@ -18,8 +18,9 @@ Layouts read (SPEC section 8):
   flsl  like dino; a fixed sin-cos position table without prefix rows, so the
         (unused) cls_token is dropped and num_prefix = 0.
 Only tensors of the chosen network are read; optimizer, loss and fp16-scaler
-state and the pickled arguments are left out, and the notes say so. Sizes (width, depth, heads, patch,
-prefix tokens, position grid, head K) come from the shapes.
+state and the pickled arguments are left out, and the notes say so. Sizes
+(width, depth, heads, patch, prefix tokens, position grid, head K) come from
+the shapes.
 
 Output: DIR/params ({'backbone', ['head'], ['cross_attention']}, see
 `glare_jax.models.load`) and DIR/model.json (`ModelSpec`).
@@ -168,7 +169,6 @@ def split_networks(ckpt: dict[str, Any], fmt: str, which: str, path: pathlib.Pat
   sd = ckpt["state_dict"] if fmt == "ibot" and "state_dict" in ckpt else ckpt
   vit, ca, rest = _flat_parts(sd)
   return {"backbone": vit, **({"cross_attention": ca} if ca else {})}, rest, []
-
 
 
 def _split_training_state(sd: dict[str, Any], path: pathlib.Path):

@@ -83,7 +83,11 @@ class CrossAttention(nn.Module):
     norm1 = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm1")
     qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=trunc_normal, name="qkv")
     kv = norm1(kv)
-    q = norm1(q) if q_map is None else jnp.einsum("bqs,bsd->bqd", q_map.astype(kv.dtype), kv)
+    if q_map is None:
+      q = norm1(q)
+    else:   # the bilinear mix in float32 (bf16 weights would not sum to 1)
+      q = jnp.einsum("bqs,bsd->bqd", q_map.astype(jnp.float32),
+                     kv.astype(jnp.float32)).astype(kv.dtype)
     nq = q.shape[1]
     q_all = qkv(q).reshape(b, nq, 3, self.num_heads, hd)[:, :, 0]  # [B, Q, H, hd]
     kv_all = qkv(kv).reshape(b, s, 3, self.num_heads, hd)
