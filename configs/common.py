@@ -228,10 +228,10 @@ def flsl_config() -> mlc.ConfigDict:
       teacher_temp=0.04,
       warmup_teacher_temp=0.04,
       warmup_teacher_temp_epochs=0,
-      # Mean-shift attention scales, divided by sqrt(width): 0.1 / sqrt(384) and
-      # 0.2 / sqrt(384) for ViT-S as in FLSL.
-      meanshift_sa_scale=0.1,
-      meanshift_ca_scale=0.2,
+      # Mean-shift attention scales: FLSL's constants 0.1 / sqrt(384) and 0.2 / sqrt(384),
+      # whatever the width (its main_flsl.py hard-codes 384, ViT-S's).
+      meanshift_sa_scale=0.1 / 384 ** 0.5,
+      meanshift_ca_scale=0.2 / 384 ** 0.5,
       global_window=3,              # sampled tokens: one per 3x3 window on the student global view
       local_window=2,               # 2x2 on local views
       random_sampling=False,        # FLSL's default: the first token of each window

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs.common import flsl_config
 from glare_jax.data import correspondence as corr
 from glare_jax.data import regions as reg
 from glare_jax.models.heads import CrossAttention
@@ -247,3 +248,6 @@ def test_flsl_meanshift_and_volume():
   pb = p.mean(0)
   np.testing.assert_allclose(flsl.volume_maximisation(p), np.sum(pb * np.log(pb * 8)),
                              rtol=1e-5, atol=1e-6)
+  # FLSL's main_flsl.py fixes the mean-shift scales for every width (ViT-S's 384).
+  c = flsl_config()
+  assert (c.meanshift_sa_scale, c.meanshift_ca_scale) == (0.1 / math.sqrt(384), 0.2 / math.sqrt(384))

@@ -1,7 +1,10 @@
 """FLSL's objective (the UDI -> FLSL baseline of Tables 1 and 2), after FLSL's main_flsl.py.
 
 Views as in FLSL: the teacher sees the first global crop only; the student sees
-the second global crop and every local crop. Prefix tokens are dropped
+the second global crop and every local crop. The crops themselves are GLARE's
+multi-crop (SPEC section 5), the same data for every objective, not FLSL's own
+augmentation (which cuts the student's crops from inside the teacher's, without
+flips). Prefix tokens are dropped
 (`flsl.drop_prefix`: the ViT runs without [CLS] / [CLS+], the learned patch
 position table is kept). All tokens below are final-LayerNorm patch tokens.
 
@@ -11,7 +14,8 @@ For each student view, stratified samples x (one token per window, FLSL's
   mode_s = softmax(tau_sa x Z_s^T) Z_s      (the student view's own tokens)
   mode_t = softmax(tau_ca x Z_t^T) Z_t      (the teacher view's tokens, no gradient)
 
-with tau = scale / sqrt(width) (0.1 / sqrt(384) and 0.2 / sqrt(384) for ViT-S). Then
+with tau_sa, tau_ca = `flsl.meanshift_{sa,ca}_scale` (FLSL's 0.1 / sqrt(384) and
+0.2 / sqrt(384), for every width as in FLSL). Then
 
   loss = w_ms (2 - 2 mean cos(x, mode_s))
        + w_ce mean H(softmax(g'(mode_t) / T_t), log_softmax(g(mode_s) / T_s))
@@ -87,9 +91,7 @@ class FlslObjective(common.ObjectiveBase):
     s_l = common.run_backbone(self.student_vit, self.backbone_params(student_params),
                               l_img, train=True, rng=k_l)
     enc_t = jax.lax.stop_gradient(t.patches()[:, 0])  # [B, N, D]
-    width = enc_t.shape[-1]
-    tau_sa = cfg.meanshift_sa_scale / math.sqrt(width)
-    tau_ca = cfg.meanshift_ca_scale / math.sqrt(width)
+    tau_sa, tau_ca = cfg.meanshift_sa_scale, cfg.meanshift_ca_scale
 
     xs, mode_s, mode_t = [], [], []
     for views, window, key in ((s_g, cfg.global_window, k_sg), (s_l, cfg.local_window, k_sl)):
