@@ -8,7 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 import pytest
 
 from configs.common import crops_config, pretrain_config
@@ -152,23 +152,6 @@ def test_flip_frequency():
 
 # ----------------------------------------------------------- photometric ops
 
-def ref_blur(x, sigma):
-  """Direct 2-D convolution with the separable Gaussian, reflect borders."""
-  r = math.ceil(3 * sigma)
-  t = np.arange(-r, r + 1)
-  k = np.exp(-t ** 2 / (2 * sigma ** 2))
-  k /= k.sum()
-  n = x.shape[0]
-  refl = lambda i: -i if i < 0 else (2 * (n - 1) - i if i >= n else i)
-  out = np.zeros_like(x, np.float64)
-  for i in range(n):
-    for j in range(n):
-      for a in range(2 * r + 1):
-        for b in range(2 * r + 1):
-          out[i, j] += k[a] * k[b] * x[refl(i + a - r), refl(j + b - r)]
-  return out
-
-
 def ref_hue(x, f):
   out = np.zeros_like(x, np.float64)
   for i, j in np.ndindex(x.shape[:2]):
@@ -185,13 +168,9 @@ def all_ops(x, xp):
          "saturation": ph.adjust_saturation(x, 1.2, xp),
          "grayscale": ph.grayscale(x, xp),
          "normalize": ph.normalize(x, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), xp),
-         "solarize": ph.solarize(xp.arange(256, dtype=xp.float32) / 255, 128, xp),
-         # the device pads every kernel to the largest radius: same result
-         "blur_padded": ph.gaussian_blur(x, np.float32(0.7), 6, xp)}
+         "solarize": ph.solarize(xp.arange(256, dtype=xp.float32) / 255, 128, xp)}
   for f in (-0.1, 0.07, 0.5):
     out[f"hue{f}"] = ph.adjust_hue(x, f, xp)
-  for sigma in (0.1, 0.7, 1.37):
-    out[f"blur{sigma}"] = ph.gaussian_blur(x, np.float32(sigma), ph.blur_radius(sigma), xp)
   return out
 
 
@@ -210,16 +189,33 @@ def test_photometric_ops_match_references(xp):
           "grayscale": np.repeat(gray[..., None], 3, -1),
           "normalize": (x - mean) / std,
           # PIL's ImageOps.solarize table on the 0..255 levels
-          "solarize": np.array([v if v < 128 else 255 - v for v in range(256)]) / 255,
-          "blur_padded": ref_blur(x, 0.7)}
+          "solarize": np.array([v if v < 128 else 255 - v for v in range(256)]) / 255}
   for f in (-0.1, 0.07, 0.5):
     want[f"hue{f}"] = ref_hue(x, f)
-  for sigma in (0.1, 0.7, 1.37):
-    want[f"blur{sigma}"] = ref_blur(x, sigma)
   got = all_ops(x, np) if xp is np else jax.jit(functools.partial(all_ops, xp=jnp))(x)
   assert set(got) == set(want)
   for k in want:
     np.testing.assert_allclose(np.asarray(got[k]), want[k], atol=2e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("xp", [np, jnp], ids=["numpy", "jax"])
+def test_blur_is_pils_gaussian_blur(xp):
+  """DINO blurs with PIL's ImageFilter.GaussianBlur(radius=sigma): three extended box
+  passes per axis, not a true Gaussian (which is up to ~25 grey levels away from it
+  on this image). Ours is PIL's in float; PIL rounds to uint8 after each of its six
+  passes, so: measured mean |diff| <= 0.9, max <= 2.9 grey levels. Taps padded to a
+  larger static half width (the device's) give the same blur."""
+  image = textured_image(48, 56)
+  x = image.astype(np.float32) / 255
+  blur = ph.gaussian_blur if xp is np else jax.jit(functools.partial(ph.gaussian_blur, xp=jnp),
+                                                   static_argnums=2)
+  for sigma in (0.1, 0.3, 0.7, 1.37, 2.0):
+    pil = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius=sigma)),
+                     np.float32)
+    got = np.asarray(blur(x, np.float32(sigma), ph.blur_radius(sigma))) * 255
+    diff = np.abs(got - pil)
+    assert diff.mean() < 1.0 and diff.max() < 3.5, (sigma, diff.mean(), diff.max())
+    np.testing.assert_allclose(np.asarray(blur(x, np.float32(sigma), 4)) * 255, got, atol=1e-3)
 
 
 def test_jitter_order_is_applied_in_sequence():
@@ -483,7 +479,7 @@ def test_bad_input_is_named():
   with pytest.raises(ValueError, match="crops.hue"):
     mc.sample_views(np.random.default_rng(0), (64, 64), crops(hue=0.7))
   with pytest.raises(ValueError, match="crops.local_size"):
-    mc.sample_views(np.random.default_rng(0), (64, 64), crops(local_size=6))
+    mc.sample_views(np.random.default_rng(0), (64, 64), crops(local_size=0))
   with pytest.raises(ValueError, match="uint8"):
     mc.render_views(np.zeros((8, 8, 3), np.float32), {}, crops_config())
   with pytest.raises(ValueError, match="no records"):

@@ -49,9 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from glare_jax.data.photometric import (PHOTOMETRIC_KEYS, blur_radius, photometric_jax,
-                                        photometric_np, sample_photometric,
-                                        sample_photometric_jax)
+from glare_jax.data.photometric import (PHOTOMETRIC_KEYS, photometric_jax, photometric_np,
+                                        sample_photometric, sample_photometric_jax)
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), integer source pixels
 RRC_TRIES = 10  # torchvision's attempts before the central-crop fallback
@@ -78,9 +77,8 @@ def check_crops_config(cfg) -> None:
   for f in ("brightness", "contrast", "saturation"):
     need(cfg[f] >= 0, f, "must be >= 0")
   need(0.0 <= cfg.hue <= 0.5, "hue", "must be in [0, 0.5]")
-  radius = blur_radius(cfg.blur_sigma[1])
   for f in ("global_size", "local_size"):
-    need(cfg[f] > radius, f, f"must exceed the blur radius ceil(3 sigma_max) = {radius}")
+    need(cfg[f] >= 1, f, "must be a size in pixels, >= 1")
   need(len(cfg.mean) == 3 and len(cfg.std) == 3 and min(cfg.std) > 0, "std",
        "mean and std need 3 entries, std > 0")
   need(cfg.max_redraws >= 0, "max_redraws", "must be >= 0")

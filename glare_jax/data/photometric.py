@@ -20,10 +20,11 @@ tensors (`_functional_tensor.py`):
 that the PIL-based DINO pipeline uses; torchvision's tensor path rounds red to
 0.2989. Unlike the PIL pipeline we do not round to uint8 between ops.
 
-Blur is a true separable Gaussian with kernel radius ceil(3 sigma) and reflect
-padding (torchvision's tensor `gaussian_blur` pads by reflection too). PIL's
-`ImageFilter.GaussianBlur`, which DINO calls, approximates the Gaussian with three
-box blurs; we do not reproduce that approximation.
+Blur is PIL's `ImageFilter.GaussianBlur(radius=sigma)`, which DINO calls: along
+each axis three passes of an "extended" box of radius l + a (Pillow's BoxBlur.c:
+taps 1 within l, a at l + 1, normalised; l and a chosen so that three passes have
+variance sigma^2), edge pixels replicated at every pass; in float, without PIL's
+uint8 rounding after each pass.
 
 The random parameters of one view (the "photometric keys" of a view dict):
 
@@ -38,8 +39,6 @@ The random parameters of one view (the "photometric keys" of a view dict):
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
@@ -117,31 +116,47 @@ def normalize(x, mean, std, xp=np):
   return (x - xp.asarray(mean, x.dtype)) / xp.asarray(std, x.dtype)
 
 
+BLUR_PASSES = 3   # PIL's GaussianBlur: three box passes along each axis
+
+
+def box_radius(sigma, xp=np):
+  """(l, a): the box radius l + a (l whole, 0 <= a < 1) whose BLUR_PASSES passes
+  blur like a Gaussian of `sigma`, as Pillow computes it (after Gwosdek et al.)."""
+  s2 = sigma * sigma / BLUR_PASSES
+  l = xp.floor((xp.sqrt(12.0 * s2 + 1.0) - 1.0) / 2.0)
+  a = (2 * l + 1) * (l * (l + 1) - 3 * s2) / (6 * (s2 - (l + 1) ** 2))
+  return l, a
+
+
 def blur_radius(sigma: float) -> int:
-  """Kernel radius of a Gaussian blur: ceil(3 sigma)."""
-  return int(math.ceil(3.0 * sigma))
+  """Static half width of one box pass for a sigma up to `sigma`: l + 1."""
+  return int(box_radius(float(sigma))[0]) + 1
 
 
-def gaussian_kernel(sigma, radius: int, xp=np):
-  """[2 radius + 1] normalised taps exp(-k^2 / 2 sigma^2) for |k| <= ceil(3 sigma), 0 beyond.
+def box_taps(sigma, half: int, xp=np):
+  """[2 half + 1] taps of one box pass: 1 for |k| <= l, a at |k| = l + 1, 0 beyond,
+  over 2 (l + a) + 1. `half` >= l + 1 is static (the device pads every view's
+  taps to the largest sigma's)."""
+  l, a = box_radius(sigma, xp)
+  k = xp.abs(xp.arange(-half, half + 1, dtype=xp.float32))
+  w = xp.where(k <= l, 1.0, xp.where(k == l + 1, a, 0.0))
+  return (w / (2 * (l + a) + 1)).astype(xp.float32)
 
-  `radius` is the (static) length of the tap array; the device passes the radius of
-  the largest sigma so every view has the same shape.
-  """
-  k = xp.arange(-radius, radius + 1, dtype=xp.float32)
-  w = xp.exp(-0.5 * (k / sigma) ** 2) * (xp.abs(k) <= xp.ceil(3.0 * sigma))
-  return w / xp.sum(w)
 
+def gaussian_blur(x, sigma, half: int, xp=np):
+  """PIL's GaussianBlur of one view [S, S, 3]: along rows, then columns, BLUR_PASSES
+  box passes each, edges replicated (out[u] = sum_i w[i] padded[u + i])."""
+  w = box_taps(sigma, half, xp)  # [2 half + 1]
+  for axis in (1, 0):
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (half, half)
 
-def gaussian_blur(x, sigma, radius: int, xp=np):
-  """Separable Gaussian blur of one square view [S, S, 3], reflect padding (S > radius)."""
-  w = gaussian_kernel(sigma, radius, xp)  # [2R + 1]
-  size = x.shape[0]
-  # Rows, then columns: out[u] = sum_i w[i] * padded[u + i], as 2R + 1 shifted slices.
-  xpad = xp.pad(x, ((radius, radius), (0, 0), (0, 0)), mode="reflect")
-  x = sum(w[i] * xpad[i:i + size] for i in range(2 * radius + 1))
-  xpad = xp.pad(x, ((0, 0), (radius, radius), (0, 0)), mode="reflect")
-  return sum(w[i] * xpad[:, i:i + size] for i in range(2 * radius + 1))
+    def shifted(xpad, i, axis=axis, n=x.shape[axis]):  # xpad[..., i:i + n, ...] along axis
+      return xpad[(slice(None),) * axis + (slice(i, i + n),)]
+    for _ in range(BLUR_PASSES):
+      xpad = xp.pad(x, pad, mode="edge")
+      x = sum(w[i] * shifted(xpad, i) for i in range(2 * half + 1))
+  return x
 
 
 # ------------------------------------------------------------------ per-view chains
@@ -192,8 +207,8 @@ def _jitter_jax(x, order, factors):
 def photometric_jax(x: jax.Array, p: dict, cfg) -> jax.Array:
   """Device chain for one view, the same ops as `photometric_np`; vmap it over views.
 
-  Every op is computed and selected by its flag (static shapes); the blur uses the
-  radius of the largest sigma with zero taps beyond ceil(3 sigma).
+  Every op is computed and selected by its flag (static shapes); the blur pads its
+  taps to the largest sigma's half width, with zero taps beyond l + 1.
   """
   x = jnp.where(p["jitter"], _jitter_jax(x, p["jitter_order"], p["jitter_factors"]), x)
   x = jnp.where(p["grayscale"], grayscale(x, jnp), x)
