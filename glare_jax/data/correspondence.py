@@ -148,27 +148,17 @@ def _corner_aligned(src_box, src_flip, src_grid, dst_box, dst_flip, dst_grid) ->
   sits at k / (F - 1) of the span between the centres of the crop's first and
   last pixels, so the corner tokens sit on the corner pixels; a token matches
   when it falls strictly inside the destination's span, and its target is
-  bilinear between the destination's tokens at those positions. `pos` is the
+  bilinear between the destination's tokens at those positions. The spans are
+  boxes in their own right, so `map_points` carries the tokens; `pos` is the
   position among the destination's tokens with token i at i + 0.5, as elsewhere."""
   (hs, ws), (hd, wd) = grid_hw(src_grid), grid_hw(dst_grid)
-  rows, cols = jnp.meshgrid(jnp.linspace(0.0, 1.0, hs), jnp.linspace(0.0, 1.0, ws), indexing="ij")
-  frac = jnp.stack([rows, cols], -1).reshape(hs * ws, 2)            # [N, 2] of the span
-
-  def span(box):  # (y, x) of the first and last pixel centres, [..., 1]
-    box = jnp.asarray(box, jnp.float32)[..., None, :]
-    return box[..., 1] + 0.5, box[..., 0] + 0.5, box[..., 3] - 0.5, box[..., 2] - 0.5
-
-  sy0, sx0, sy1, sx1 = span(src_box)
-  fx = jnp.where(jnp.asarray(src_flip)[..., None], 1.0 - frac[:, 1], frac[:, 1])
-  y = sy0 + frac[:, 0] * (sy1 - sy0)
-  x = sx0 + fx * (sx1 - sx0)
-  dy0, dx0, dy1, dx1 = span(dst_box)
-  fy_d = (y - dy0) / (dy1 - dy0)
-  fx_d = (x - dx0) / (dx1 - dx0)
-  fx_d = jnp.where(jnp.asarray(dst_flip)[..., None], 1.0 - fx_d, fx_d)
-  valid = (fy_d > 0) & (fy_d < 1) & (fx_d > 0) & (fx_d < 1)
-  tokens = jnp.stack([fy_d * (hd - 1), fx_d * (wd - 1)], -1)        # [..., N, 2] token units
-  pos = tokens + 0.5
+  span = lambda box: jnp.asarray(box, jnp.float32) + jnp.array([0.5, 0.5, -0.5, -0.5])
+  rows, cols = jnp.meshgrid(jnp.linspace(0.0, hs, hs), jnp.linspace(0.0, ws, ws), indexing="ij")
+  tokens = jnp.stack([rows, cols], -1).reshape(hs * ws, 2)     # grid units over the span
+  at = map_points(tokens, span(src_box), src_flip, src_grid, span(dst_box), dst_flip, dst_grid)
+  frac = at / jnp.array([hd, wd], jnp.float32)                 # [..., N, 2] of the dst span
+  valid = jnp.all((frac > 0) & (frac < 1), -1)
+  pos = frac * jnp.array([hd - 1, wd - 1], jnp.float32) + 0.5
   index, weight = bilinear_neighbours(pos, dst_grid)
   return Correspondence(pos, valid, index, weight * valid[..., None])
 

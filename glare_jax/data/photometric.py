@@ -143,20 +143,21 @@ def box_taps(sigma, half: int, xp=np):
   return (w / (2 * (l + a) + 1)).astype(xp.float32)
 
 
-def gaussian_blur(x, sigma, half: int, xp=np):
-  """PIL's GaussianBlur of one view [S, S, 3]: along rows, then columns, BLUR_PASSES
-  box passes each, edges replicated (out[u] = sum_i w[i] padded[u + i])."""
-  w = box_taps(sigma, half, xp)  # [2 half + 1]
-  for axis in (1, 0):
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (half, half)
-
-    def shifted(xpad, i, axis=axis, n=x.shape[axis]):  # xpad[..., i:i + n, ...] along axis
-      return xpad[(slice(None),) * axis + (slice(i, i + n),)]
-    for _ in range(BLUR_PASSES):
-      xpad = xp.pad(x, pad, mode="edge")
-      x = sum(w[i] * shifted(xpad, i) for i in range(2 * half + 1))
+def _box_passes(x, w, half: int, xp):
+  """BLUR_PASSES box passes with taps `w` along axis 0, edges replicated:
+  out[u] = sum_i w[i] padded[u + i]."""
+  n, pad = x.shape[0], ((half, half),) + ((0, 0),) * (x.ndim - 1)
+  for _ in range(BLUR_PASSES):
+    xpad = xp.pad(x, pad, mode="edge")
+    x = sum(w[i] * xpad[i:i + n] for i in range(2 * half + 1))
   return x
+
+
+def gaussian_blur(x, sigma, half: int, xp=np):
+  """PIL's GaussianBlur of one view [S, S, 3]: along rows, then columns."""
+  w = box_taps(sigma, half, xp)  # [2 half + 1]
+  x = xp.swapaxes(_box_passes(xp.swapaxes(x, 0, 1), w, half, xp), 0, 1)
+  return _box_passes(x, w, half, xp)
 
 
 # ------------------------------------------------------------------ per-view chains

@@ -210,7 +210,9 @@ class GlareObjective(common.ObjectiveBase):
     consts = dict(head=teacher_params["head"], centres=centres, t_temp=t_temp)
     head_sums = lambda sp_head, s_in, r, c: self._head_sums(
         sp_head, c["head"], c["centres"], dict(r, s_parts=s_in), c["t_temp"])
-    coef = self._coefficients(b, g, loc2_count, reg_count)
+    norm = self._normalisers(b, g, loc2_count, reg_count)
+    weights = {"glob": w.w_glob, "loc1": w.w_loc1, "loc2": w.w_loc2, "reg": w.w_reg}
+    coef = {k: jnp.asarray(weights[k] / v, jnp.float32) for k, v in norm.items()}
     size = w.head_chunk_size
     if 0 < size < b:
       if b % size:
@@ -221,46 +223,40 @@ class GlareObjective(common.ObjectiveBase):
       sums = head_sums(student_params["head"], s_parts, rest, consts)
       loss = chunked.weighted(sums, coef)
 
+    # Each term is its sum over images divided by its normaliser.
+    metrics.update({f"loss/{k}": sums[k] / v for k, v in norm.items()})
     new = dict(centres)
-    terms = {}
     n = t.grid[0] * t.grid[1]
     if w.w_glob > 0:
-      terms["glob"] = sums["glob"] / b
       new["global"] = common.update_centre(centres["global"], sums["c_global"] / (b * g),
                                            self.center_momentum)
     if w.w_loc1 > 0 or w.w_loc2 > 0:
       if self.use_loc1:
-        terms["loc1"] = sums["loc1"] / (b * g)
         metrics["loc1/distorted"] = jnp.mean(cells)
       if w.w_loc2 > 0:
         possible = b * g * (n + l_img.shape[1] * s_l.grid[0] * s_l.grid[1])
-        terms["loc2"] = sums["loc2"] / jnp.maximum(loc2_count, 1.0)
         metrics["loc2/matched"] = loc2_count / possible
       new["local"] = common.update_centre(centres["local"], sums["c_local"] / (b * g * n),
                                           self.center_momentum)
     if w.w_reg > 0:
-      count = jnp.maximum(reg_count, 1.0)
-      terms["reg"] = sums["reg"] / count
-      new["region"] = common.update_centre(centres["region"], sums["c_region"] / count,
+      new["region"] = common.update_centre(centres["region"], sums["c_region"] / norm["reg"],
                                            self.center_momentum)
-
-    metrics.update({f"loss/{k}": v for k, v in terms.items()})
     return loss, (metrics, new)
 
-  def _coefficients(self, b, g, loc2_count, reg_count) -> dict[str, Array]:
-    """{term: weight / normaliser} of each term that is on: the loss is their sum
-    times the terms' sums over images (the normalisers depend on no parameter)."""
+  def _normalisers(self, b, g, loc2_count, reg_count) -> dict[str, Any]:
+    """{term: the number its sum over images is divided by} for each term that is
+    on; none depends on a parameter, so the loss is sum_k w_k / norm_k * sums[k]."""
     w = self.glare
-    coef = {}
+    norm = {}
     if w.w_glob > 0:
-      coef["glob"] = jnp.float32(w.w_glob / b)
+      norm["glob"] = b
     if self.use_loc1:
-      coef["loc1"] = jnp.float32(w.w_loc1 / (b * g))
+      norm["loc1"] = b * g
     if w.w_loc2 > 0:
-      coef["loc2"] = w.w_loc2 / jnp.maximum(loc2_count, 1.0)
+      norm["loc2"] = jnp.maximum(loc2_count, 1.0)
     if w.w_reg > 0:
-      coef["reg"] = w.w_reg / jnp.maximum(reg_count, 1.0)
-    return coef
+      norm["reg"] = jnp.maximum(reg_count, 1.0)
+    return norm
 
   def _head_sums(self, sp_head, tp_head, centres, inp, t_temp):
     """The head on the token sets of `inp` (a batch or a chunk of b images) and each
