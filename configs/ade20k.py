@@ -14,7 +14,7 @@ Expected (paper Table 1, FPN fine-tuned for 20k iterations, mean +- std of 3 see
   mIoU 41.6 (+-0.13) on ADE20k val; the UDI starting point gives 41.2.
 """
 
-from configs import common
+from glare_jax.configs import common
 
 
 def get_config(arg: str | None = None):

@@ -14,7 +14,7 @@ Expected (paper Table 1, FPN fine-tuned for 20k iterations, mean +- std of 3 see
   mIoU 75.3 (+-0.03) on Cityscapes val; the UDI starting point gives 74.7.
 """
 
-from configs import common
+from glare_jax.configs import common
 
 
 def get_config(arg: str | None = None):

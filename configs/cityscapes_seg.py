@@ -17,7 +17,7 @@ Expected (paper Table 1, mIoU, mean over 3 seeds):
     UDI -> UDI 75.2, UDI -> GLARE 75.0.
 """
 
-from configs import seg_common
+from glare_jax.configs import seg_common
 
 
 def get_config(arg=None):

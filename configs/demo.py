@@ -15,7 +15,7 @@ resumes. The backbone is random, so the terms stay near log(256) (this config ch
 the machinery, not the method); fine-tune on it with configs/demo_seg.py.
 """
 
-from configs import common
+from glare_jax.configs import common
 
 
 def get_config(arg: str | None = None):

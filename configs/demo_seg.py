@@ -10,7 +10,7 @@
 The demo records are generated into `data_dir` on first use (or beforehand with
 `python -m glare_jax.data.prepare --dataset=demo --data_dir=...`).
 
-A pipeline check, not a paper experiment: the protocol of configs/seg_common.py
+A pipeline check, not a paper experiment: the protocol of glare_jax/configs/seg_common.py
 with the `tiny_test` ViT of configs/demo.py (depth 2, width 64, adapters of 16),
 128 px crops of images resized to 256 x U(0.5, 2.0), batch 16, 500 steps (AdamW
 6e-5, poly decay, 50 warm-up steps), whole-image evaluation of the 64 validation
@@ -22,7 +22,7 @@ the 5 mIoU (25 aAcc) of the most frequent class everywhere; from the demo
 pre-training run's teacher it reached 77 (aAcc 88). There is no paper number.
 """
 
-from configs import common, seg_common
+from glare_jax.configs import common, seg_common
 
 
 def get_config(arg=None):

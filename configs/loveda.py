@@ -18,7 +18,7 @@ Expected (paper Table 1, FPN fine-tuned for 2k iterations, mean +- std of 3 seed
   mIoU 51.5 (+-0.01) on LoveDA val; the UDI starting point gives 50.9.
 """
 
-from configs import common
+from glare_jax.configs import common
 
 
 def get_config(arg: str | None = None):

@@ -30,7 +30,7 @@ Table 2: the adapter (UniAdapter) rows):
     Other starting points (Table 3): DINO 50.3 -> 50.6, FLSL 50.3 -> 50.5 with GLARE.
 """
 
-from configs import seg_common
+from glare_jax.configs import seg_common
 
 
 def get_config(arg=None):

@@ -13,7 +13,7 @@ Expected (paper Table 1, FPN fine-tuned for 20k iterations, mean +- std of 3 see
   mIoU 49.3 (+-0.01) on Pascal Context val (60 classes); the UDI starting point gives 49.1.
 """
 
-from configs import common
+from glare_jax.configs import common
 
 
 def get_config(arg: str | None = None):

@@ -18,7 +18,7 @@ Expected (paper Table 1, mIoU, mean over 3 seeds):
     UDI -> UDI 48.8, UDI -> GLARE 49.0.
 """
 
-from configs import seg_common
+from glare_jax.configs import seg_common
 
 
 def get_config(arg=None):

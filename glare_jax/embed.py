@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from configs.common import IMAGENET_MEAN, IMAGENET_STD
+from glare_jax.configs.common import IMAGENET_MEAN, IMAGENET_STD
 from glare_jax.models import load
 from glare_jax.models.vit import ModelSpec
 

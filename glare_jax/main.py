@@ -5,8 +5,8 @@ A config file takes an argument after a colon and any field can be overridden:
     python -m glare_jax.main --config=configs/loveda.py:tiny --workdir=/tmp/glare \
         --config.batch_size=16 --config.optim.base_lr=3e-4
 
-Run it from the repository root (config files import `configs.common`). The
-program starts `jax.distributed` when the environment asks for it (see
+A config file may be given by any path (config files import only `glare_jax`
+and `ml_collections`). The program starts `jax.distributed` when the environment asks for it (see
 `glare_jax/train/distributed.py`), lets the mode check its inputs (a mode
 module's optional `check(config, workdir)`, e.g. that fine-tuning's init
 checkpoint fits the model) before anything is written, keeps the config in

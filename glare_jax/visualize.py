@@ -40,7 +40,7 @@ import ml_collections as mlc
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from configs import common
+from glare_jax.configs import common
 from glare_jax import embed
 from glare_jax.data import regions as regions_lib
 from glare_jax.models import load, vit_from_config

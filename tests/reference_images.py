@@ -4,7 +4,7 @@ independently of glare_jax.embed, which the tests check against it)."""
 import numpy as np
 from PIL import Image
 
-from configs.common import IMAGENET_MEAN, IMAGENET_STD
+from glare_jax.configs.common import IMAGENET_MEAN, IMAGENET_STD
 
 
 def write_png(path, h, w, seed):

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import common as config_lib
+from glare_jax.configs import common as config_lib
 from glare_jax.data import device_cache
 from glare_jax.data import pipeline
 from glare_jax.data import prepare

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import common, loveda_seg
+from configs import loveda_seg
+from glare_jax.configs import common
 from glare_jax.data import prepare
 from glare_jax.data.datasets import LOVEDA_CLASSES
 from glare_jax.evaluation import metrics as metrics_lib

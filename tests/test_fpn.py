@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.seg_common import SEG_NO_DECAY
+from glare_jax.configs.seg_common import SEG_NO_DECAY
 from glare_jax.models import fpn
 from glare_jax.models.segmenter import Segmenter
 from glare_jax.models.vit import ViT, size_kwargs

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 
 import torch_vit as tv  # noqa: E402
 
-from configs.common import pretrain_config  # noqa: E402
+from glare_jax.configs.common import pretrain_config  # noqa: E402
 from glare_jax.models import build_models, init_params, load, vit_from_config  # noqa: E402
 from glare_jax.models.vit import Adapter, size_kwargs  # noqa: E402
 

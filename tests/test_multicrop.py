@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 import pytest
 
-from configs.common import crops_config, pretrain_config
+from glare_jax.configs.common import crops_config, pretrain_config
 from glare_jax.data import multicrop as mc
 from glare_jax.data import photometric as ph
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.common import flsl_config
+from glare_jax.configs.common import flsl_config
 from glare_jax.data import correspondence as corr
 from glare_jax.data import regions as reg
 from glare_jax.models.heads import CrossAttention

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import common as cfgs
+from glare_jax.configs import common as cfgs
 from glare_jax.models import build_models, init_params
 from glare_jax.objectives import build_objective, ema_momentum, ema_update
 from glare_jax.train import optim

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs.common import optim_config
+from glare_jax.configs.common import optim_config
 from glare_jax.train import optim
 
 WD, B1, B2 = 0.1, 0.9, 0.999

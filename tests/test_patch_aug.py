@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
+from glare_jax.configs import common
 from glare_jax.data import patch_aug
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0}

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from configs import common as config_lib
+from glare_jax.configs import common as config_lib
 from glare_jax.data import pipeline
 from glare_jax.data import prepare
 from glare_jax.data.builders import common

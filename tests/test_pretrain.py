@@ -14,7 +14,7 @@ import ml_collections as mlc
 import numpy as np
 import pytest
 
-from configs import common as config_lib
+from glare_jax.configs import common as config_lib
 from glare_jax.data import multicrop, prepare
 from glare_jax.models import build_models, init_params
 from glare_jax.models import load as load_lib

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
+from glare_jax.configs import common
 from glare_jax.data import regions as reg
 
 

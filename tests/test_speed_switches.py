@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common as cfgs
+from glare_jax.configs import common as cfgs
 from glare_jax.models import build_models, init_params
 from glare_jax.models.vit import ViT, size_kwargs
 from glare_jax.objectives import build_objective

@@ -48,7 +48,7 @@ def check_regions(res, sizes):
 def test_maps_match_torch_and_regions_hold_their_start(udi, tmp_path):
   ckpt, vit = udi
   backbone = visualize.load_backbone(ckpt)
-  assert backbone.regions == (2, 6)   # configs/common.py defaults
+  assert backbone.regions == (2, 6)   # glare_jax/configs/common.py defaults
   pixels = write_png(tmp_path / "a.png", 96, 128, 0)
   res = visualize.attention_regions(backbone, normalise(pixels), seed=0, sizes=(2, 3))
   _, attn = tv.torch_forward(vit, normalise(pixels)[None])

@@ -30,7 +30,7 @@ class Models:
 
 
 def vit_from_config(mc: mlc.ConfigDict, **overrides: Any) -> ViT:
-  """A ViT from `config.model` (see configs/common.py:model_config)."""
+  """A ViT from `config.model` (see glare_jax/configs/common.py:model_config)."""
   kw = dict(
       patch_size=mc.patch_size, num_prefix=mc.num_prefix, pos_grid=mc.pos_grid,
       pos_resize=mc.pos_resize, drop_path=mc.drop_path, adapter_mode=mc.adapter_mode,

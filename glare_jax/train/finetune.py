@@ -6,7 +6,7 @@ r"""Segmentation fine-tuning (SPEC section 9: the UDI/FLSL mmseg protocol).
 SRC is a converted checkpoint or a GLARE pre-training workdir
 (`train/init_checkpoint.py`); its backbone (adapters included) starts a
 Segmenter (ViT + FPN, `models/segmenter.py`) whose every parameter is then
-fine-tuned with AdamW and mmcv's poly schedule (`configs/seg_common.py`). The
+fine-tuned with AdamW and mmcv's poly schedule (`glare_jax/configs/seg_common.py`). The
 sections follow big_vision's train.py: mesh -> input -> model -> shard & init by
 shape -> update step -> resume -> evals -> loop (docs/DESIGN.md "The training loop").
 

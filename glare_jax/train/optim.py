@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from configs.common import PARAM_PRESETS
+from glare_jax.configs.common import PARAM_PRESETS
 from glare_jax.train.sharding import path_str  # re-exported: optim.path_str
 
 LAST_LAYER = r"head/weight_[gv]"   # DINO's `last_layer` (freeze_last_layer)

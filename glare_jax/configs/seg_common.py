@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ml_collections as mlc
 
-from configs import common
+from glare_jax.configs import common
 from glare_jax.data import datasets
 from glare_jax.data.seg_transforms import MMSEG_MEAN, MMSEG_STD
 
