@@ -44,6 +44,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 import numpy as np
 
+from glare_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file with its argument, e.g. configs/loveda.py:fast")
 _MODE = flags.DEFINE_enum("mode", "step", ["step", "epoch", "input", "compile"],
@@ -250,10 +252,18 @@ def run(config) -> dict[str, Any]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from glare_jax.train import preflight  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value.copy_and_resolve_references()
+  if _BATCH.value:
+    config.batch_size = _BATCH.value
+  try:
+    preflight.check_values(config)
+  except (ValueError, FileNotFoundError) as e:
+    raise cli.BadInput(f"{type(e).__name__}: {e}") from e
   record = run(_CONFIG.value)
   sys.stdout.write(json.dumps(record) + "\n")
   sys.stdout.flush()
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

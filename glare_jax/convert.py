@@ -38,7 +38,9 @@ import sys
 from typing import Any, Callable
 
 import numpy as np
+from absl import flags
 
+from glare_jax import cli
 from glare_jax.models import load
 from glare_jax.models.vit import SIZES, ModelSpec, param_count
 
@@ -416,19 +418,23 @@ def convert_checkpoint(path: pathlib.Path, fmt: str = "auto", which: str = "teac
 
 
 def main(argv: list[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m glare_jax.convert", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--src", required=True, type=pathlib.Path, help="the PyTorch .pth file")
-  ap.add_argument("--out", required=True, type=pathlib.Path, help="output directory")
-  ap.add_argument("--format", default="auto", choices=("auto",) + FORMATS)
-  ap.add_argument("--which", default="teacher", choices=("teacher", "student"),
-                  help="network of a training checkpoint (default: teacher)")
-  ap.add_argument("--allow-missing", action="store_true",
-                  help="report unknown/missing/mismatched keys instead of stopping")
-  ap.add_argument("--trust-pickle", action="store_true",
-                  help="allow arbitrary pickled objects (only for files you trust)")
-  ap.add_argument("--overwrite", action="store_true", help="replace an existing output")
-  args = ap.parse_args(argv)
+  fv = cli.flag_values()
+  flags.DEFINE_string("src", None, "the PyTorch .pth file", flag_values=fv)
+  flags.DEFINE_string("out", None, "output directory", flag_values=fv)
+  flags.DEFINE_enum("format", "auto", ("auto",) + FORMATS, "checkpoint format", flag_values=fv)
+  flags.DEFINE_enum("which", "teacher", ("teacher", "student"),
+                    "network of a training checkpoint", flag_values=fv)
+  flags.DEFINE_bool("allow-missing", False,
+                    "report unknown/missing/mismatched keys instead of stopping", flag_values=fv)
+  flags.DEFINE_bool("trust-pickle", False,
+                    "allow arbitrary pickled objects (only for files you trust)", flag_values=fv)
+  flags.DEFINE_bool("overwrite", False, "replace an existing output", flag_values=fv)
+  flags.mark_flags_as_required(["src", "out"], flag_values=fv)
+  cli.parse(fv, argv, prog="python -m glare_jax.convert", doc=__doc__)
+  args = argparse.Namespace(src=pathlib.Path(fv.src), out=pathlib.Path(fv.out),
+                            format=fv.format, which=fv.which,
+                            allow_missing=fv["allow-missing"].value,
+                            trust_pickle=fv["trust-pickle"].value, overwrite=fv.overwrite)
   try:
     params, spec, notes = convert_checkpoint(args.src, args.format, args.which,
                                              args.allow_missing, args.trust_pickle)

@@ -20,10 +20,12 @@ import pathlib
 import sys
 from typing import Sequence
 
+from absl import flags
 import jax
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from glare_jax import cli
 from glare_jax.configs.common import IMAGENET_MEAN, IMAGENET_STD
 from glare_jax.models import load
 from glare_jax.models.vit import ModelSpec
@@ -80,24 +82,33 @@ def embed(params: dict, spec: ModelSpec, images: np.ndarray, batch_size: int = 8
 
 
 def main(argv: list[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m glare_jax.embed", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--checkpoint", required=True, type=pathlib.Path,
-                  help="a converted checkpoint directory (python -m glare_jax.convert)")
-  ap.add_argument("--out", required=True, type=pathlib.Path, help="output .npz")
-  ap.add_argument("--size", type=int, default=None, help="resize every image to S x S")
-  ap.add_argument("--batch-size", type=int, default=8)
-  ap.add_argument("--pos-resize", default="dino", choices=("dino", "size"),
-                  help="position-grid resampling for sizes other than the stored grid")
-  ap.add_argument("images", nargs="+", type=pathlib.Path)
-  args = ap.parse_args(argv)
+  fv = cli.flag_values()
+  flags.DEFINE_string("checkpoint", None,
+                      "a converted checkpoint directory (python -m glare_jax.convert)",
+                      flag_values=fv)
+  flags.DEFINE_string("out", None, "output .npz", flag_values=fv)
+  flags.DEFINE_integer("size", None, "resize every image to S x S", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer("batch-size", 8, "images per forward pass", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_enum("pos-resize", "dino", ("dino", "size"),
+                    "position-grid resampling for sizes other than the stored grid",
+                    flag_values=fv)
+  flags.mark_flags_as_required(["checkpoint", "out"], flag_values=fv)
+  images = cli.parse(fv, argv, prog="python -m glare_jax.embed", doc=__doc__,
+                     positional="IMAGE...")
+  if not images:
+    cli.fail("give at least one image file; `python -m glare_jax.embed --help` says how")
+  args = argparse.Namespace(checkpoint=pathlib.Path(fv.checkpoint), out=pathlib.Path(fv.out),
+                            size=fv.size, batch_size=fv["batch-size"].value,
+                            pos_resize=fv["pos-resize"].value,
+                            images=[pathlib.Path(p) for p in images])
   try:
     params, spec = load.load_converted(args.checkpoint)
     images = read_images(args.images, args.size, spec.patch_size)
     out = embed(params, spec, images, args.batch_size, args.pos_resize)
   except (EmbedError, FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return cli.report(e, verbose=fv.verbosity >= 1)
   args.out.parent.mkdir(parents=True, exist_ok=True)
   np.savez(args.out, paths=np.array([str(p) for p in args.images]), **out)
   print(f"wrote {args.out}: tokens {out['tokens'].shape}, attn {out['attn'].shape}")

@@ -5,14 +5,13 @@ A config file takes an argument after a colon and any field can be overridden:
     python -m glare_jax.main --config=configs/loveda.py:tiny --workdir=/tmp/glare \
         --config.batch_size=16 --config.optim.base_lr=3e-4
 
-A config file may be given by any path (config files import only `glare_jax`
-and `ml_collections`). The program starts `jax.distributed` when the environment asks for it (see
-`glare_jax/train/distributed.py`), lets the mode check its inputs (a mode
-module's optional `check(config, workdir)`, e.g. that fine-tuning's init
-checkpoint fits the model) before anything is written, keeps the config in
-`DIR/config.json` (refusing to resume under an incompatible one) and runs
-`config.mode`. A failed check prints one `error:` line and exits 2
-(`train/preflight.py`).
+Config files are given by any path (they import only `glare_jax` and
+`ml_collections`). The program starts `jax.distributed` when the environment
+asks for it (`train/distributed.py`), checks the config and the inputs before
+anything is written (`train/preflight.py`: a bad one is one `error:` line and
+exit 2), keeps the config in `DIR/config.json` (refusing to resume under an
+incompatible one), runs `config.mode` and ends with a summary: final metrics,
+the files written and the next command.
 """
 
 from __future__ import annotations
@@ -22,6 +21,8 @@ import logging as std_logging
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from glare_jax import cli
 
 # config.mode -> module whose run(config, workdir) runs it (imported on demand).
 MODES = {
@@ -70,23 +71,47 @@ class _LibraryInfoFilter(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or not any(q in record.pathname for q in self.QUIET)
 
 
+def summary(config, workdir: str, result) -> list[str]:
+  """The lines a finished run ends with: metrics, files written, next command."""
+  import pathlib  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(workdir)
+  lines = []
+  if isinstance(result, dict) and result:
+    shown = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+    keys = [k for k in ("loss", "mIoU", "aAcc", "mAcc") if k in shown] or list(shown)[:4]
+    lines.append("final: " + ", ".join(f"{k} {shown[k]:.4g}" for k in keys))
+  for name in ("checkpoints", "metrics.jsonl", "eval.json", "tensorboard"):
+    if (root / name).exists():
+      lines.append(f"wrote: {root / name}")
+  if config.mode == "pretrain":
+    lines.append("next: python -m glare_jax.main --config=configs/<dataset>_seg.py "
+                 f"--workdir=<dir> --config.init_checkpoint={root}")
+  else:
+    lines.append(f"next: python -m glare_jax.visualize --checkpoint={root} --out=regions.png "
+                 "<images>   (or glare_jax.evaluation.multiseed for mean +- std over seeds)")
+  return lines
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Heavy imports after flag parsing: `--help` stays fast.
+  import jax  # pylint: disable=g-import-not-at-top
   from glare_jax.train import distributed, preflight  # pylint: disable=g-import-not-at-top
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   config, workdir = _CONFIG.value, _WORKDIR.value
   distributed.initialize(config.distributed)
-  module = mode_module(config)
   try:                                  # bad inputs fail before the workdir is touched
+    module = mode_module(config)
     preflight.check(module, config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
-  except preflight.BadInput as e:
-    return preflight.report(e)
+  except ValueError as e:
+    raise cli.BadInput(f"{type(e).__name__}: {e}") from e
   logging.info("config: %s/config.json", workdir)
-  module.run(config, workdir)
+  result = module.run(config, workdir)
+  if jax.process_index() == 0 and result is not None:
+    print("\n".join(summary(config, workdir, result)), flush=True)
   return 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -22,6 +22,10 @@ import pathlib
 import sys
 from typing import Any
 
+from absl import flags
+
+from glare_jax import cli
+
 
 def newest_trace(root: pathlib.Path) -> pathlib.Path:
   traces = sorted(root.rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
@@ -90,18 +94,19 @@ def summarise(trace: dict[str, Any], top: int = 15, threads: int = 4) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m glare_jax.profile_summary", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("trace_dir", type=pathlib.Path)
-  ap.add_argument("--top", type=int, default=15, help="ops listed per thread")
-  args = ap.parse_args(argv)
+  fv = cli.flag_values()
+  flags.DEFINE_integer("top", 15, "ops listed per thread", lower_bound=1, flag_values=fv)
+  rest = cli.parse(fv, argv, prog="python -m glare_jax.profile_summary", doc=__doc__,
+                   positional="TRACE_DIR")
+  if len(rest) != 1:
+    cli.fail(f"give one trace directory (got {len(rest)} arguments)")
+  args = argparse.Namespace(trace_dir=pathlib.Path(rest[0]), top=fv.top)
   try:
     path = newest_trace(args.trace_dir)
     with gzip.open(path, "rt") as f:
       trace = json.load(f)
   except (FileNotFoundError, OSError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return cli.report(e, verbose=fv.verbosity >= 1)
   print(f"{path}\n{summarise(trace, args.top)}")
   return 0
 

@@ -40,8 +40,10 @@ import ml_collections as mlc
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from absl import flags
+
+from glare_jax import cli, embed
 from glare_jax.configs import common
-from glare_jax import embed
 from glare_jax.data import regions as regions_lib
 from glare_jax.models import load, vit_from_config
 from glare_jax.models.vit import ViT, cls_patch_attention
@@ -240,26 +242,36 @@ def _demo_scene(index: int, size: int | None) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m glare_jax.visualize", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--checkpoint", required=True, type=pathlib.Path,
-                  help="a converted checkpoint or a GLARE pre-training / fine-tuning workdir")
-  ap.add_argument("--out", required=True, type=pathlib.Path, help="output image (.png)")
-  ap.add_argument("--size", type=int, default=None, help="resize every image to S x S")
-  ap.add_argument("--which", default="teacher", choices=("teacher", "student"),
-                  help="network of a pre-training workdir (default: teacher)")
-  ap.add_argument("--seed", type=int, default=0, help="seed of the region sizes and offsets")
-  ap.add_argument("--min-patches", type=int, default=None,
-                  help="region side minimum (default: the run's config, else 2)")
-  ap.add_argument("--max-patches", type=int, default=None,
-                  help="region side maximum (default: the run's config, else 6)")
-  ap.add_argument("--panel-height", type=int, default=224, help="pixels per panel")
-  ap.add_argument("--demo-images", type=int, default=0, metavar="N",
-                  help="add the first N validation scenes of the generated demo dataset")
-  ap.add_argument("images", nargs="*", type=pathlib.Path)
-  args = ap.parse_args(argv)
+  fv = cli.flag_values()
+  flags.DEFINE_string(
+      "checkpoint", None,
+      "a converted checkpoint or a GLARE pre-training / fine-tuning workdir", flag_values=fv)
+  flags.DEFINE_string("out", None, "output image (.png)", flag_values=fv)
+  flags.DEFINE_integer("size", None, "resize every image to S x S", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_enum("which", "teacher", ("teacher", "student"),
+                    "network of a pre-training workdir", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "seed of the region sizes and offsets", flag_values=fv)
+  flags.DEFINE_integer("min-patches", None,
+                       "region side minimum (default: the run's config, else 2)",
+                       flag_values=fv)
+  flags.DEFINE_integer("max-patches", None,
+                       "region side maximum (default: the run's config, else 6)",
+                       flag_values=fv)
+  flags.DEFINE_integer("panel-height", 224, "pixels per panel", lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("demo-images", 0,
+                       "add the first N validation scenes of the generated demo dataset",
+                       lower_bound=0, flag_values=fv)
+  flags.mark_flags_as_required(["checkpoint", "out"], flag_values=fv)
+  images = cli.parse(fv, argv, prog="python -m glare_jax.visualize", doc=__doc__,
+                     positional="[IMAGE...]")
+  args = argparse.Namespace(
+      checkpoint=pathlib.Path(fv.checkpoint), out=pathlib.Path(fv.out), size=fv.size,
+      which=fv.which, seed=fv.seed, min_patches=fv["min-patches"].value,
+      max_patches=fv["max-patches"].value, panel_height=fv["panel-height"].value,
+      demo_images=fv["demo-images"].value, images=[pathlib.Path(p) for p in images])
   if not args.images and args.demo_images < 1:
-    ap.error("give image files and/or --demo-images N")
+    cli.fail("give image files and/or --demo-images N")
   try:
     backbone = load_backbone(args.checkpoint, args.which)
     sizes = (backbone.regions[0] if args.min_patches is None else args.min_patches,
@@ -275,8 +287,7 @@ def main(argv: list[str] | None = None) -> int:
       pixels.append(_display_pixels(image))
       results.append(attention_regions(backbone, image, args.seed, sizes))
   except (VisualizeError, embed.EmbedError, FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return cli.report(e, verbose=fv.verbosity >= 1)
   figure = render(pixels, results, [name for name, _ in inputs], args.panel_height)
   args.out.parent.mkdir(parents=True, exist_ok=True)
   try:

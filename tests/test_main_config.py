@@ -47,7 +47,7 @@ def main_program(args, modes=None, code=None):
   """Runs glare_jax.main's absl program in a fresh interpreter (repository root)."""
   patch = f"m.MODES.update({modes!r}); " if modes else ""
   code = code or ("import glare_jax.main as m; " + patch +
-                  "from absl import app; app.run(m.main)")
+                  "m.cli.run(m.main)")
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
          "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)
@@ -59,14 +59,14 @@ def test_entry_point_parses_arguments_and_overrides(tmp_path):
   workdir = tmp_path / "run"
   args = ["--config=configs/loveda.py:tiny,objective=udi", f"--workdir={workdir}",
           "--config.batch_size=16", "--config.optim.base_lr=3e-4",
-          "--config.crops.global_scale=(0.3,1.0)", "--config.mesh.fsdp=2",
+          "--config.crops.global_scale=(0.3,1.0)", "--config.mesh.data=1",
           "--config.mesh.fsdp_rules=(('backbone/.*/kernel','fsdp'),('head/.*',None))"]
   r = main_program(args, {"pretrain": "echo_mode"})
   assert r.returncode == 0, r.stderr
   got = json.loads((workdir / "received.json").read_text())
   assert got["model"]["variant"] == "tiny_test" and got["objective"] == "udi"
   assert got["batch_size"] == 16 and got["optim"]["base_lr"] == 3e-4
-  assert got["crops"]["global_scale"] == [0.3, 1.0] and got["mesh"]["fsdp"] == 2
+  assert got["crops"]["global_scale"] == [0.3, 1.0] and got["mesh"]["data"] == 1
   assert got["mesh"]["fsdp_rules"] == [["backbone/.*/kernel", "fsdp"], ["head/.*", None]]
   assert got["dataset"] == "loveda" and got["crops"]["local_size"] == 32
   assert json.loads((workdir / "config.json").read_text()) == got
@@ -79,11 +79,13 @@ def test_entry_point_parses_arguments_and_overrides(tmp_path):
   assert "holds checkpoints of a run with a different config" in r.stderr
   assert "model.variant: 'tiny_test' -> 'S'" in r.stderr
   assert json.loads((workdir / "received.json").read_text())["model"]["variant"] == "tiny_test"
-  # Operational changes resume; --allow_config_change forces the rest.
+  # Operational changes resume; --allow_config_change forces the rest, but the
+  # workdir's config.json changes only once a restore succeeded (echo_mode restores none).
   r = main_program([*args, "--config.log_every_steps=7", "--config.model.variant=S",
                     "--allow_config_change"], {"pretrain": "echo_mode"})
   assert r.returncode == 0, r.stderr
-  assert json.loads((workdir / "config.json").read_text())["model"]["variant"] == "S"
+  assert json.loads((workdir / "received.json").read_text())["model"]["variant"] == "S"
+  assert json.loads((workdir / "config.json").read_text())["model"]["variant"] == "tiny_test"
 
 
 def test_bad_input_is_one_error_line_and_exit_2(tmp_path):

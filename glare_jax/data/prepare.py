@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import os
 import pathlib
-import sys
-
 from absl import app
 from absl import flags
 from absl import logging
 import tensorflow_datasets as tfds
 
+from glare_jax import cli
 from glare_jax.data import builders
 from glare_jax.data.builders import demo
 
@@ -108,13 +107,11 @@ def main(argv):
                        image_size=_DEMO_IMAGE_SIZE.value, seed=_DEMO_SEED.value)
   try:
     path = prepare(_DATASET.value, _DATA_DIR.value, _MANUAL_DIR.value, **demo_kwargs)
-  except builders.LayoutError as e:
-    sys.exit(f"error: {e}")
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
+  except (builders.LayoutError, FileNotFoundError, ValueError) as e:
+    raise cli.BadInput(e) from e
   print(f"{_DATASET.value} is ready in {path}")
 
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("dataset")
-  app.run(main)
+  cli.run(main)

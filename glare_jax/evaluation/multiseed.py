@@ -25,6 +25,8 @@ from absl import app, flags, logging
 import ml_collections as mlc
 from ml_collections import config_flags
 
+from glare_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Fine-tuning config file, e.g. configs/loveda_seg.py", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Holds seed_<k>/ and report.json.")
@@ -94,17 +96,13 @@ def main(argv):
   from glare_jax.train import distributed  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   if config.get("mode") != "finetune":
-    raise app.UsageError(f"config.mode is {config.get('mode')!r}: multiseed runs "
-                         "fine-tuning configs (mode 'finetune', e.g. configs/loveda_seg.py)")
-  from glare_jax.train import preflight  # pylint: disable=g-import-not-at-top
+    raise cli.BadInput(f"config.mode is {config.get('mode')!r}: multiseed runs "
+                       "fine-tuning configs (mode 'finetune', e.g. configs/loveda_seg.py)")
   distributed.initialize(config.distributed)
-  try:
-    run(config, _WORKDIR.value, name=_NAME.value, ddof=_DDOF.value,
-        allow_config_change=_ALLOW_CONFIG_CHANGE.value)
-  except preflight.BadInput as e:
-    return preflight.report(e)
+  run(config, _WORKDIR.value, name=_NAME.value, ddof=_DDOF.value,
+      allow_config_change=_ALLOW_CONFIG_CHANGE.value)   # bad inputs: cli.BadInput, exit 2
   return 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -167,6 +167,9 @@ class Checkpointer:
     if data_iter is not None:
       data_iter.set_state(out["data"])
     logging.info("checkpoint: restored step %d from %s", step, self.directory)
+    workdir = pathlib.Path(os.fspath(self.directory)).parent
+    if (pending := _PENDING_CONFIG.pop(str(workdir.resolve()), None)) is not None:
+      _write_config(workdir, pending)
     return out["state"]
 
   def wait(self) -> None:
@@ -219,7 +222,9 @@ def check_config(config: Any, workdir: str | os.PathLike,
   When the workdir already holds checkpoints, every field except
   RESUMABLE_CHANGES must equal the stored config's (a different model size,
   objective or batch size would resume into a different experiment); the error
-  lists the differences. `allow_changes` overrides the check. Process 0 writes.
+  lists the differences. `allow_changes` overrides the check, except for a
+  change of mode; the new config.json is then written once the restore succeeded.
+  Process 0 writes, and only a changed file.
   """
   workdir = pathlib.Path(workdir)
   path = workdir / "config.json"
@@ -230,16 +235,35 @@ def check_config(config: Any, workdir: str | os.PathLike,
     diff = sorted(k for k in set(old) | set(cur)
                   if old.get(k, "<absent>") != cur.get(k, "<absent>")
                   and k.split(".")[0] not in RESUMABLE_CHANGES)
+    if "mode" in diff:
+      raise ValueError(
+          f"{workdir} holds {old.get('mode')} checkpoints; a {cur.get('mode')} config cannot "
+          f"resume them, even with --allow_config_change: use a new --workdir (a "
+          f"fine-tuning run reads a pre-training workdir through config.init_checkpoint)")
     if diff and not allow_changes:
       lines = "\n".join(f"  {k}: {old.get(k, '<absent>')!r} -> {cur.get(k, '<absent>')!r}"
                         for k in diff)
       raise ValueError(
           f"{workdir} holds checkpoints of a run with a different config ({path}):\n"
           f"{lines}\nuse a new --workdir, or pass --allow_config_change to resume anyway")
-    if diff:
+    if diff:   # written by `Checkpointer.restore` once the old state has loaded
       logging.warning("resuming %s with config changes: %s", workdir, diff)
-  if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(new, indent=2, sort_keys=True))
-    tmp.replace(path)
+      _PENDING_CONFIG[str(workdir.expanduser().resolve())] = new
+      return
+  _write_config(workdir, new)
+
+
+# workdir -> config.json of a run resumed with --allow_config_change, kept until its
+# restore succeeded (a failed restore leaves the workdir as it was).
+_PENDING_CONFIG: dict[str, Any] = {}
+
+
+def _write_config(workdir: pathlib.Path, config: dict[str, Any]) -> None:
+  path = workdir / "config.json"
+  text = json.dumps(config, indent=2, sort_keys=True)
+  if jax.process_index() != 0 or (path.exists() and path.read_text() == text):
+    return
+  workdir.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".json.tmp")
+  tmp.write_text(text)
+  tmp.replace(path)

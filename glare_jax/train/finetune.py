@@ -266,6 +266,9 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
                         "initialisation")
       state = t.init(jax.random.key(config.seed), backbone)
     start = int(state["step"])
+    if start >= total_steps and (pathlib.Path(workdir) / "eval.json").exists():
+      print(f"already complete at step {start} ({workdir})", flush=True)
+      return {}
 
     # --- loop (evaluating every eval.every_steps and at the end)
     every = config.eval.every_steps

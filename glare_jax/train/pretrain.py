@@ -200,6 +200,9 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     else:
       state = t.init(params, jax.random.key(config.seed))
     start = int(state["step"])
+    if start >= t.total_steps:      # a finished run: nothing to do, nothing written
+      print(f"already complete at step {start} ({workdir})", flush=True)
+      return {}
 
     # --- loop
     with metric_logging.MetricLogger(
