@@ -78,14 +78,14 @@ def summary(config, workdir: str, result) -> list[str]:
   lines = []
   if isinstance(result, dict) and result:
     shown = {k: v for k, v in result.items() if isinstance(v, (int, float))}
-    keys = [k for k in ("loss", "mIoU", "aAcc", "mAcc") if k in shown] or list(shown)[:4]
-    lines.append("final: " + ", ".join(f"{k} {shown[k]:.4g}" for k in keys))
+    keys = [k for k in shown if k in ("loss", "mIoU", "aAcc", "mAcc") or k.startswith("loss/")]
+    lines.append("final: " + ", ".join(f"{k} {shown[k]:.4g}" for k in keys or list(shown)[:4]))
   for name in ("checkpoints", "metrics.jsonl", "eval.json", "tensorboard"):
     if (root / name).exists():
       lines.append(f"wrote: {root / name}")
   if config.mode == "pretrain":
-    lines.append("next: python -m glare_jax.main --config=configs/<dataset>_seg.py "
-                 f"--workdir=<dir> --config.init_checkpoint={root}")
+    lines.append(f"next: python -m glare_jax.main --config=configs/{config.dataset}_seg.py "
+                 f"--workdir={root}_seg --config.init_checkpoint={root}")
   else:
     lines.append(f"next: python -m glare_jax.visualize --checkpoint={root} --out=regions.png "
                  "<images>   (or glare_jax.evaluation.multiseed for mean +- std over seeds)")

@@ -30,8 +30,32 @@ def test_plain_lines_when_not_a_tty(tmp_path):
   lines = out.getvalue().splitlines()
   assert len(lines) == 2 and "\r" not in out.getvalue()
   assert lines[0].startswith("step 2/8 (25%) | ")
-  assert "img/s | ETA " in lines[0] and "loss 0.5 loss/glob 2" in lines[0]
+  assert " img/s | loss 0.5 | ETA " in lines[0] and "loss/glob" not in lines[0]
   assert lines[1].startswith("step 4/8 (50%)")
+  kept = [r for r in train_logging.read_metrics(tmp_path / "metrics.jsonl")]
+  assert kept[0]["loss/glob"] == 2.0     # every metric in the file, not on the console
+
+
+def test_line_fits_100_columns_and_eta_leaves_out_the_compile(tmp_path, monkeypatch):
+  """A 10 s first step (compiling) then 0.1 s steps: the ETA is the steps' time."""
+  clock = [1000.0]
+  monkeypatch.setattr(train_logging.time, "perf_counter", lambda: clock[0])
+  class Tty(io.StringIO):
+    def isatty(self):
+      return True
+  out = Tty()
+  many = {f"loss/term_{i}": 1e6 + i for i in range(20)}
+  with make_logger(tmp_path, out, total_steps=100_000, log_every_steps=10) as log:
+    clock[0] += 10.0                       # the first call compiles before it returns
+    for step in range(1, 21):
+      log.record(step, metrics(123456.789, **many))
+      clock[0] += 0.1
+  lines = [l.strip("\r\n").replace("\x1b[K", "") for l in out.getvalue().split("\r") if l]
+  assert lines and all(len(l) <= 100 for l in lines), lines
+  # Step 20 is logged 1.9 s after step 1 was recorded: 99_980 steps left at 1.9 / 20 s
+  # = 2:38:18 (with the 10 s compile in it, it would be 16:31:24).
+  assert lines[-1].endswith("ETA 2:38:18"), lines[-1]
+  assert "160.0 img/s" in lines[-1]
 
 
 def test_progress_bar_on_a_tty(tmp_path):

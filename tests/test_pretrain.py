@@ -276,3 +276,20 @@ def test_tiny_run_on_the_loveda_sample(tmp_path, loveda_sample):
     assert np.isfinite(records[-1][term])
   assert (workdir / "checkpoints" / "2").is_dir()
   assert json.loads((workdir / "config.json").read_text())["dataset"] == "loveda"
+  # The summary: final metrics, the files written, the next command.
+  tail = out.stdout.strip().splitlines()
+  assert tail[-4].startswith("final: loss ") and "loss/glob" in tail[-4]
+  assert tail[-3:-1] == [f"wrote: {workdir / n}" for n in ("checkpoints", "metrics.jsonl")]
+  assert tail[-1].startswith("next: python -m glare_jax.main --config=configs/loveda_seg.py")
+  assert f"--config.init_checkpoint={workdir}" in tail[-1]
+  assert sum("step 2/2 (100%)" in line for line in out.stdout.splitlines()) == 1
+  assert all(len(line) <= 100 for line in out.stdout.splitlines() if line.startswith("step"))
+  # A finished run re-run says so and writes nothing.
+  before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+  again = subprocess.run(
+      main_command("configs/loveda.py:tiny", workdir, f"--config.data_dir={data_dir}",
+                   "--config.batch_size=2", "--config.tensorboard=False"),
+      env=env, cwd=REPO, capture_output=True, text=True)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"already complete at step 2 ({workdir})" in again.stdout
+  assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before

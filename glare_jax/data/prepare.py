@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 from absl import app
 from absl import flags
 from absl import logging
@@ -56,7 +57,8 @@ def prepare(dataset: str, data_dir: os.PathLike | str,
     builder = builders.get_builder(dataset, data_dir)
   path = pathlib.Path(builder.data_dir)
   if builder.is_prepared():
-    logging.info("%s is already prepared in %s; nothing to do.", dataset, path)
+    logging.log_first_n(logging.INFO, "%s is already prepared in %s; nothing to do.", 1,
+                        dataset, path)   # once: a run asks again after its check
     if dataset == "demo":
       _warn_if_resized(builder, demo_kwargs)
     return path
@@ -66,6 +68,8 @@ def prepare(dataset: str, data_dir: os.PathLike | str,
                        f"holding:\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
     manual_dir = os.path.expanduser(os.fspath(manual_dir))
     builder.check(manual_dir)   # every problem reported before anything is written
+  if not sys.stderr.isatty():    # tqdm bars in a log file are noise
+    tfds.disable_progress_bar()
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=manual_dir, try_download_gcs=False))
   for split, info in builder.info.splits.items():

@@ -1,4 +1,4 @@
-"""What a run reports: progress on stdout, `metrics.jsonl`, TensorBoard; NaN guard.
+"""What a run reports: a progress line on stdout, `metrics.jsonl`, TensorBoard; NaN guard.
 
     logger = MetricLogger(workdir, total_steps=T, start_step=s0, images_per_step=B,
                           log_every_steps=config.log_every_steps)
@@ -14,6 +14,10 @@
 fetches them all at once: each step is checked for non-finite values, so the
 error names the first bad step and its terms even between log steps. The values
 of log steps (every `log_every_steps`, and the last step) are written.
+
+The console gets one line of at most 100 columns per log step (step/total, %,
+img/s, loss, ETA); every metric goes to metrics.jsonl and TensorBoard. Rates and
+the ETA count from the first recorded step, so compiling is not in them.
 
 On resume (`start_step` > 0) `metrics.jsonl` is cut back to the steps up to
 `start_step` and TensorBoard purges later events, so no step appears twice.
@@ -62,6 +66,9 @@ def _fmt_value(v: float) -> str:
   return f"{v:.4g}"
 
 
+WIDTH = 100   # columns of the progress line
+
+
 class MetricLogger:
   """Progress line, metrics.jsonl and TensorBoard scalars of one run."""
 
@@ -81,6 +88,7 @@ class MetricLogger:
     self._jsonl = None
     self._tb = None
     self._line_open = False
+    self._started = False
     if self.writes:
       self.workdir.mkdir(parents=True, exist_ok=True)
       self._jsonl = self._open_jsonl(self.workdir / "metrics.jsonl", int(start_step))
@@ -105,6 +113,10 @@ class MetricLogger:
 
   def record(self, step: int, metrics: Mapping[str, Any]) -> None:
     """Keeps `metrics` (scalars) of `step`; on a log step, flushes."""
+    if not self._started:    # the first step has compiled (dispatch waits for that)
+      self._started = True
+      self._t_start = self._t_last = time.perf_counter()
+      self._step_start = self._step_last = int(step) - 1
     self._pending.append((int(step), metrics))
     if self.is_log_step(step):
       self.flush()
@@ -149,18 +161,26 @@ class MetricLogger:
       self._tb.flush()
     self._print(step, values, rate, eta)
 
-  def _print(self, step: int, values: dict[str, float], rate: float, eta: float) -> None:
+  def progress_line(self, step: int, values: dict[str, float], rate: float,
+                    eta: float) -> str:
+    """'step 150/160 (94%) | 52.3 img/s | loss 5.543 | ETA 0:00:12' (<= WIDTH columns)."""
     frac = step / max(self.total_steps, 1)
-    terms = " ".join(f"{k} {_fmt_value(v)}" for k, v in values.items())
-    head = f"step {step}/{self.total_steps} ({100 * frac:.0f}%)"
-    tail = f"{rate:.1f} img/s | ETA {_fmt_duration(eta)} | {terms}"
+    loss = values.get("loss", next(iter(values.values()), math.nan))
+    line = (f"step {step}/{self.total_steps} ({100 * frac:.0f}%) | {rate:.1f} img/s | "
+            f"loss {_fmt_value(loss)} | ETA {_fmt_duration(eta)}")
     if self._tty:
       bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
+      line = f"[{bar}] {line}"
+    return line[:WIDTH]
+
+  def _print(self, step: int, values: dict[str, float], rate: float, eta: float) -> None:
+    line = self.progress_line(step, values, rate, eta)
+    if self._tty:
       self._line_open = step != self.total_steps
       end = "" if self._line_open else "\n"
-      self.stream.write(f"\r[{bar}] {head} | {tail}\x1b[K{end}")
+      self.stream.write(f"\r{line}\x1b[K{end}")
     else:
-      self.stream.write(f"{head} | {tail}\n")
+      self.stream.write(f"{line}\n")
     self.stream.flush()
 
   def close(self) -> None:

@@ -19,6 +19,7 @@ import inspect
 import os
 import pathlib
 
+from absl import logging
 from etils import epath
 import tensorflow_datasets as tfds
 
@@ -48,6 +49,14 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def __init__(self, **kwargs):
     kwargs.setdefault("file_format", "array_record")
     super().__init__(**kwargs)
+
+  # tfds prints a "Downloading and preparing dataset ..." banner; ours read local
+  # files (or generate them), so one log line each instead.
+  def _log_download_bytes(self) -> None:
+    logging.info("preparing %s in %s", self.name, self.data_dir)
+
+  def _log_download_done(self) -> None:
+    logging.info("%s is ready in %s", self.name, self.data_dir)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
