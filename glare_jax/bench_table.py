@@ -17,6 +17,8 @@ import re
 import sys
 from typing import Any
 
+from glare_jax import cli
+
 _REFERENCE_LINE = re.compile(r"torch eager batch=(\d+): ([\d.]+) ms/step, (\d+) img/s"
                              r".*peak mem ([\d.]+) GiB")
 COLUMNS = ("run", "batch", "img/s", "step ms", "compile s", "peak GiB", "x ref", "epoch s",
@@ -52,11 +54,13 @@ def table(reference: dict[int, dict[str, float]], runs: list[dict[str, Any]]) ->
   return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-  if len(argv) != 2:
-    sys.stderr.write(__doc__)
-    return 2
-  out = pathlib.Path(argv[1])
+def main(argv: list[str] | None = None) -> int:
+  fv = cli.flag_values()
+  rest = cli.parse(fv, argv, prog="python -m glare_jax.bench_table", doc=__doc__,
+                   positional="OUT_DIR")
+  if len(rest) != 1:
+    cli.fail(f"give one OUT_DIR (got {len(rest)} arguments)")
+  out = pathlib.Path(rest[0])
   ref_file, runs_file = out / "torch_ref.txt", out / "bench.jsonl"
   reference = reference_figures(ref_file.read_text()) if ref_file.exists() else {}
   runs = ([json.loads(line) for line in runs_file.read_text().splitlines() if line.strip()]
@@ -66,4 +70,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv))
+  sys.exit(main())
