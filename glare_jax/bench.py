@@ -60,6 +60,8 @@ _RECORDS = flags.DEFINE_integer("records", 0, "Synthetic records (0: the dataset
 _SOURCE_SIZE = flags.DEFINE_integer("source_size", 0, "Side of the synthetic square "
                                     "images (0: the dataset's, LoveDA 1024).")
 _PROFILE = flags.DEFINE_string("profile", "", "Write a jax.profiler trace here.")
+_CHECK_FLAGS = flags.DEFINE_bool("check_flags", False, "Only check the flags and the config "
+                                 "(prints {\"checked\": true}); time nothing.")
 flags.mark_flags_as_required(["config"])
 
 # Training-split size and image side of the datasets with square tiles; others
@@ -260,7 +262,7 @@ def main(argv):
     preflight.check_values(config)
   except (ValueError, FileNotFoundError) as e:
     raise cli.BadInput(f"{type(e).__name__}: {e}") from e
-  record = run(_CONFIG.value)
+  record = {"checked": True} if _CHECK_FLAGS.value else run(_CONFIG.value)
   sys.stdout.write(json.dumps(record) + "\n")
   sys.stdout.flush()
 

@@ -2,7 +2,7 @@
 
     python -m glare_jax.convert --src udi_vits16.pth --out ckpt/udi_s16
 
-Layouts read (SPEC section 8):
+Layouts read (docs/parity.md, "Converting a PyTorch checkpoint"):
   udi   training checkpoint {'student', 'teacher', 'optimizer', 'epoch', 'args',
         'udi_loss', 'fp16_scaler'}: ViT keys under 'backbone.backbone.', UDI's
         cross-attention 'backbone.attn.{qkv,proj,norm}' + 'backbone.norm1', the

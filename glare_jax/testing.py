@@ -4,7 +4,7 @@
     write_udi_checkpoint("udi_random.pth")               # tiny_test sizes, 4x4 grid
     # python -m glare_jax.convert --src udi_random.pth --out ckpt/udi_random
 
-The file has the layout of UDI's `checkpoint.pth` (SPEC section 8): `student` and
+The file has the layout of UDI's `checkpoint.pth` (docs/parity.md, "Converting a PyTorch checkpoint"): `student` and
 `teacher` networks (the ViT under `backbone.backbone.`, UDI's cross-attention
 `backbone.attn.*` + `backbone.norm1.*`, the shared head stored three times as
 `head.{0,1,2}.*`, the student's keys under `module.`), plus the `optimizer`,

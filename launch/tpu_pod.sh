@@ -45,7 +45,7 @@ case "$cmd" in
   create)
     run "${tpu[@]}" create "$name" --zone="$zone" --accelerator-type="$type" --version="$version" ;;
   setup)
-    on_all "cd ~/glare_jax && python3 -m pip install -q -e . 'jax[tpu]==0.10.2' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html" ;;
+    on_all "cd ~/glare_jax && python3 -m pip install -q -e . 'jax[tpu]>=0.10.2,<0.11' -c constraints.txt -f https://storage.googleapis.com/jax-releases/libtpu_releases.html" ;;
   copy)
     root=$(cd "$here/.." && pwd)
     run "${tpu[@]}" scp --recurse "$root" "$name":~/glare_jax --zone="$zone" --worker=all ;;

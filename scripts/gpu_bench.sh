@@ -14,7 +14,9 @@
 # few synthetic records, so the call that spends GPU time has run once before: the
 # wheels, every flag, the JSON lines and the table. REHEARSE_CONFIG (default `tiny`)
 # names the config arguments of that rehearsal; tests/test_bench.py uses
-# `tiny,objective=dino` to compile faster.
+# `tiny,objective=dino` to compile faster. RUNS (a comma list of run names, default
+# all) runs only those; the others' flags and configs are checked without timing
+# anything (`glare_jax.bench --check_flags`).
 set -u
 OUT=${OUT:-/tmp/glare_bench}
 BUDGET=${BUDGET:-420}          # seconds for the whole script (device call: timeout_s=480)
@@ -68,6 +70,16 @@ bench() {
     return 0
   fi
   SEEN["$*"]=$name
+  if [[ -n ${RUNS:-} && ",$RUNS," != *",$name,"* ]]; then
+    if limited 60 python3 -m glare_jax.bench "$@" --check_flags > /dev/null 2> "$OUT/stderr_$name.txt"; then
+      log "bench $name: flags checked, not run (RUNS=$RUNS)"
+    else
+      log "bench $name: bad flags; stderr tail:"
+      tail -n 5 "$OUT/stderr_$name.txt" | tee -a "$OUT/log.txt"
+    fi
+    rm -f "$OUT/stderr_$name.txt"
+    return 0
+  fi
   log "bench $name: $*"
   line=$(limited "$want" python3 -m glare_jax.bench "$@" 2> "$OUT/stderr_$name.txt" | tail -1)
   if [[ $line == "{"* ]]; then

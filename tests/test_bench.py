@@ -27,6 +27,7 @@ def bench(*args, **env):
                         capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_step_mode_prints_one_json_line(tmp_path):
   # DINO's objective keeps the compile short; the GLARE step runs in test_objectives
   # and test_device_cache. Every speed switch is on: bf16, 'auto' (= xla on CPU)
@@ -86,9 +87,10 @@ def test_table_reads_the_reference_lines_as_printed():
 @pytest.mark.slow
 def test_gpu_script_rehearsal_on_cpu(tmp_path):
   """The GPU call's script end to end on this CPU (REHEARSE=1: tiny model, small
-  batches): every run's flags are accepted, each prints its JSON line, the table
-  lists them, the batch-512 run's profile comes back as text and as a trace.
-  Python 3 on PATH is this interpreter, as on the GPU machine."""
+  batches), the least that proves it: every run's flags are accepted, the step and
+  epoch runs (RUNS) print their JSON lines, the table lists them, the batch-512
+  run's profile comes back as text and as a trace. Python 3 on PATH is this
+  interpreter, as on the GPU machine."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
@@ -96,21 +98,21 @@ def test_gpu_script_rehearsal_on_cpu(tmp_path):
   out = tmp_path / "out"
   env = dict(os.environ, REHEARSE="1", REHEARSE_CONFIG="tiny,objective=dino", OUT=str(out),
              WHEELS=str(tmp_path / "no_wheels"), PATH=f"{bin_dir}:{os.environ['PATH']}", JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_backend_optimization_level=0", BUDGET="900")
+             XLA_FLAGS="--xla_backend_optimization_level=0", BUDGET="900",
+             RUNS="fast_b512,epoch_b512")
   r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_bench.sh")], cwd=REPO, env=env,
                      capture_output=True, text=True, timeout=1200)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   runs = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
   # fast_b64 is fast_b128 at the rehearsal's batch of 8: skipped as the same run
-  assert [x["run"] for x in runs] == ["fast_b512", "epoch_b512", "fast_b512_save_dots",
-                                      "fast_b128", "fast_b512_xla_attention",
-                                      "plain_device_aug_b128"]
-  assert "bench fast_b64: the same run as fast_b128, skipped" in (out / "log.txt").read_text()
+  assert [x["run"] for x in runs] == ["fast_b512", "epoch_b512"]
+  log = (out / "log.txt").read_text()
+  for name in ("fast_b512_save_dots", "fast_b128", "fast_b512_xla_attention",
+               "plain_device_aug_b128"):
+    assert f"bench {name}: flags checked, not run" in log, log[-3000:]
+  assert "bench fast_b64: the same run as fast_b128, skipped" in log
   assert all(x["img_per_s"] > 0 and x["compile_s"] > 0 for x in runs)
   assert runs[1]["mode"] == "epoch" and runs[1]["run_s"] > 0
-  assert runs[2]["config"]["remat_policy"] == "dots_with_no_batch_dims_saveable"
-  assert runs[4]["config"]["attention"] == "xla"
-  assert runs[5]["config"]["augment_on"] == "device" and runs[5]["config"]["data_cache"] == "none"
   table = (out / "table.txt").read_text().splitlines()
   assert len(table) == 2 + len(runs) + 1 and table[-1].startswith("device: cpu")
   profile = (out / "profile_b512.txt").read_text()
@@ -136,6 +138,7 @@ threading.Thread(target=_watch, daemon=True).start()
 '''
 
 
+@pytest.mark.slow
 def test_input_workers_start_no_jax_backend(tmp_path):
   """grain's worker processes must not start a JAX backend: on a GPU each would
   claim most of the card's memory. Host and device augmentation, 2 workers."""

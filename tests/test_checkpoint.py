@@ -173,9 +173,11 @@ def test_config_check_refuses_incompatible_resume(tmp_path):
     checkpoint.check_config(config(batch_size=256, **{"model.variant": "B"}), tmp_path)
   checkpoint.check_config(config(batch_size=256, **{"model.variant": "B"}), tmp_path,
                           allow_changes=True)
-  assert json.loads((tmp_path / "config.json").read_text())["model"]["variant"] == "B"
+  # Allowed, but written only once a restore succeeds (tests/test_cli.py).
+  assert json.loads((tmp_path / "config.json").read_text())["model"]["variant"] == "S"
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_parameters(tmp_path):
   """SIGKILL right after a save was started, restart: bit-identical to no crash."""
   cache = tmp_path / "jax_cache"

@@ -108,6 +108,7 @@ def test_config_is_checked(demo_dir):
     pipeline.pretrain_input(c)
 
 
+@pytest.mark.slow
 def test_step_from_the_cache_equals_step_from_shipped_images(demo_dir):
   """The whole jitted update (gather, device augmentation, objective, optimizer) on
   the first batch of each pipeline. The objective is DINO's, the cheapest to

@@ -52,6 +52,7 @@ def test_initialize_single_process_is_idempotent(monkeypatch):
   assert first.method == "single"
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
   """2 processes x 4 CPU devices (data 2 x fsdp 4 across them) = 1 process x 8 devices."""
   port = tiny_trainer.free_port()

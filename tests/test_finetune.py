@@ -173,6 +173,7 @@ def assert_started_from(params, backbone, grid):
     np.testing.assert_allclose(params[f"backbone/{k}"], v, atol=2e-3, err_msg=k)
 
 
+@pytest.mark.slow
 def test_end_to_end_kill_and_resume(tmp_path, data_dir, cache, converted):
   """Through `python -m glare_jax.main`: fine-tune from a converted checkpoint and
   evaluate; a run killed at step 6 resumes from step 4 to the same bits."""
@@ -231,6 +232,7 @@ def test_end_to_end_kill_and_resume(tmp_path, data_dir, cache, converted):
   assert ev_resumed == ev
 
 
+@pytest.mark.slow
 def test_multiseed_from_a_pretraining_workdir(tmp_path, data_dir, cache):
   """Two seeds from an (HPT-style) pre-training run's teacher; mean / std report;
   a second call finds both seeds finished."""

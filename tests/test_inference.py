@@ -125,6 +125,7 @@ def _load_tiles(root, size):
   return images, labels
 
 
+@pytest.mark.slow
 def test_tiny_segmenter_overfits_two_loveda_tiles(loveda_sample):
   size, steps = 128, 300
   info = get_info("loveda")

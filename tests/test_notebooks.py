@@ -74,6 +74,9 @@ def test_02_pretrain(tmp_path, one_device):
   assert (run / "checkpoints/4/state").is_dir()
   assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
   assert (run / "attention.png").stat().st_size > 0
+  if importlib.util.find_spec("matplotlib"):   # the loss terms and lr, side by side
+    with Image.open(run / "metrics.png") as figure:
+      assert figure.size[0] > 1.5 * figure.size[1]
   if loveda:
     assert list((tmp_path / "tensorflow_datasets/loveda").glob("*/*.array_record*"))
 

@@ -80,7 +80,8 @@ def tiny_params():
       jax.random.key(0))
 
 
-@pytest.mark.parametrize("name", ["glare", "udi", "flsl", "dino"])
+@pytest.mark.parametrize("name", [pytest.param("glare", marks=pytest.mark.slow), "udi", "flsl",
+                                  "dino"])
 def test_objective_trains(name, tiny_params):
   config = cfgs.pretrain_config("loveda", f"tiny,objective={name}")
   models = build_models(config)

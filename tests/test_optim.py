@@ -79,7 +79,7 @@ def test_rule_errors():
 
 
 def test_decay_rules():
-  """SPEC section 6 / DINO's param groups: no decay on biases and 1-D tensors, where
+  """docs/DESIGN.md "Parameters" / DINO's param groups: no decay on biases and 1-D tensors, where
   weight_g and mask_token count as 2-D (their PyTorch shapes [K, 1] and [1, D])."""
   c = cfg()
   params = flat(make_params())

@@ -65,6 +65,7 @@ def one_device_glare_steps():
   return batches, run_steps(config, jax.devices()[:1], batches)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head_chunk_size", [0, 2])
 def test_one_and_eight_devices_give_the_same_glare_losses(head_chunk_size):
   """8 devices against 1; with head_chunk_size=2 the 8-device step also runs the

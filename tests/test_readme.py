@@ -77,10 +77,12 @@ PYTHON_M = [c for c in COMMANDS if c[:2] == ["python", "-m"]]
 def test_install_and_test_commands_are_what_ci_runs():
   ci = [ln.strip() for ln in (REPO / ".ci/run").read_text().splitlines()
         if ln.strip() and not ln.startswith(("#", "set ", "cd "))]
-  install, test = " && ".join(ci[:-1]), ci[-1]
+  tests = [ln for ln in ci if ln.startswith("python -m pytest")]
+  install = " && ".join(ln for ln in ci if ln not in tests and "--dry-run" not in ln)
   blocks = re.findall(r"```bash\n(.*?)\n```", README, re.S)
   assert blocks[0].startswith(install + " && python -m glare_jax.main --config=configs/demo.py")
-  assert blocks[1] == test
+  assert blocks[1].splitlines() == tests == ['python -m pytest -q -n 2 tests -m "not slow"',
+                                             "python -m pytest -q -n 2 tests -m slow"]
 
 
 def test_every_module_exists():

@@ -97,6 +97,7 @@ def test_bfloat16_compute_is_close_to_float32():
     assert np.linalg.norm(a - b) <= 2e-2 * np.linalg.norm(b)
 
 
+@pytest.mark.slow
 def test_auto_attention_falls_back_to_xla_when_cudnn_refuses(monkeypatch):
   # As if on a GPU: 'auto' asks cuDNN, which refuses here (no cuDNN on a CPU);
   # the model then computes XLA's attention instead of failing.
@@ -146,6 +147,7 @@ def glare_value_and_grad(dtype="float32", head_chunk_size=0):
   return loss, metrics, centres, grads
 
 
+@pytest.mark.slow
 def test_glare_head_in_chunks_gives_the_same_step():
   """head_chunk_size=2 (two chunks, each differentiated as it is computed): the same
   loss, terms, diagnostics, centres and gradients as the whole batch at once."""
@@ -155,6 +157,7 @@ def test_glare_head_in_chunks_gives_the_same_step():
   assert_trees_close(out, ref, rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_glare_objective_is_close_to_float32():
   """model.dtype='bfloat16' through the whole GLARE objective: loss, terms and
   gradients agree with float32 to bf16 precision; loss, terms and centres stay

@@ -1,8 +1,8 @@
 """An independent PyTorch version of the UDI ViT, DINO head and UDI cross-attention,
 and writers for every checkpoint layout the converter reads (test helper).
 
-Written from the architecture description (SPEC sections 1, 3, 8), not from
-glare_jax, so the parity tests compare two implementations.
+Written from the architecture description (paper section 3, eq. 3; docs/parity.md),
+not from glare_jax, so the parity tests compare two implementations.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Shared pieces of the GLARE configs: every number of SPEC.md lives here once.
+"""Shared pieces of the GLARE configs: every default of the paper's runs lives here once.
 
 Dataset configs (`configs/loveda.py`, ...) call `pretrain_config(...)` and set
-their dataset fields. A config argument after the colon selects switches,
+their dataset fields; they import only `glare_jax` and `ml_collections`. A config argument after the colon selects switches,
 big_vision style: `configs/loveda.py:tiny` (a minutes-long run of the same
 pipeline), `configs/loveda.py:objective=udi,tiny`, `configs/loveda.py:fast` (every
 speed switch on, see `apply_fast` and BENCHMARKS.md).
@@ -37,7 +37,7 @@ PARAM_PRESETS = {
     ),
 }
 
-# Weight decay (SPEC section 6, DINO's get_params_groups): none on biases and on
+# Weight decay (docs/DESIGN.md "Parameters", as DINO's get_params_groups): none on biases and on
 # 1-D parameters. `weight_g` [K] and `mask_token` [D] are 1-D here but 2-D in the
 # PyTorch models ([K, 1], [1, D]), where they decay, so they decay here too (when
 # trained: weight_g only with head.norm_last_layer=False, mask_token only with
@@ -129,7 +129,7 @@ def head_config() -> mlc.ConfigDict:
 
 
 def crops_config() -> mlc.ConfigDict:
-  """Multi-crop augmentation, appendix B.1 / SPEC section 5."""
+  """Multi-crop augmentation, paper appendix B.1."""
   return mlc.ConfigDict(dict(
       num_global=2,
       num_local=10,

@@ -1,4 +1,5 @@
-"""Segmentation fine-tuning defaults (SPEC section 9: the UDI/FLSL mmseg protocol).
+"""Segmentation fine-tuning defaults (the UDI/FLSL mmseg protocol, docs/DESIGN.md
+"Segmentation fine-tuning").
 
 Every number of the protocol lives here once; dataset files
 (`configs/loveda_seg.py`, ...) call `finetune_config(dataset, arg)` and change

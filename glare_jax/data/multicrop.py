@@ -1,4 +1,4 @@
-"""Multi-crop views: crop boxes, flips, and the rendering of the views (SPEC section 5).
+"""Multi-crop views: crop boxes, flips, and the rendering of the views (paper appendix B.1).
 
 A record becomes `num_global` global views (224 px) and `num_local` local views
 (96 px), ordered [global_0, global_1, local_0, ...]. `sample_views` draws every

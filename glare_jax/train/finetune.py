@@ -1,4 +1,5 @@
-r"""Segmentation fine-tuning (SPEC section 9: the UDI/FLSL mmseg protocol).
+r"""Segmentation fine-tuning (the UDI/FLSL mmseg protocol, docs/DESIGN.md
+"Segmentation fine-tuning").
 
     python -m glare_jax.main --config=configs/loveda_seg.py --workdir=DIR \
         --config.init_checkpoint=SRC
