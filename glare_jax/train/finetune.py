@@ -267,7 +267,9 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
                         "initialisation")
       state = t.init(jax.random.key(config.seed), backbone)
     start = int(state["step"])
-    if start >= total_steps and (pathlib.Path(workdir) / "eval.json").exists():
+    final_eval = pathlib.Path(workdir) / "eval.json"
+    if (start >= total_steps and final_eval.exists()      # the final evaluation is written
+        and json.loads(final_eval.read_text()).get("step") == total_steps):
       print(f"already complete at step {start} ({workdir})", flush=True)
       return {}
 
