@@ -1,5 +1,5 @@
 """Mutation check of the objectives' wiring: every mutant below changes one line
-of glare_jax/objectives/ the way a refactor might (a view swapped, the wrong
+of glare_jax/objectives/ (or the cross-attention) the way a refactor might (a view swapped, the wrong
 centre, temperature or normaliser, a mask negated or dropped, a stop-gradient
 moved, a view index off by one), and the named fast tests must fail on it.
 
@@ -33,11 +33,14 @@ UDI = "glare_jax/objectives/udi.py"
 DINO = "glare_jax/objectives/dino.py"
 FLSL = "glare_jax/objectives/flsl.py"
 COMMON = "glare_jax/objectives/common.py"
+HEADS = "glare_jax/models/heads.py"
 REF = "tests/test_objective_reference.py"
 T_GLARE = (f"{REF}::test_glare_matches_reference_fast",)
 T_DINO = (f"{REF}::test_dino_matches_reference",)
 T_UDI = (f"{REF}::test_udi_matches_reference",)
 T_FLSL = (f"{REF}::test_flsl_matches_reference",)
+T_CLEAN = ("tests/test_paper_readings.py::test_clean_student_input_matches_reference",)
+T_PAPER = ("tests/test_paper_readings.py::test_paper_form_cross_attention_matches_reference",)
 
 
 class Mutant(NamedTuple):
@@ -59,7 +62,8 @@ MUTANTS = (
            "cls_attn = cls_attn.reshape(b, g, -1, hw[0] * hw[1])",
            "cls_attn = other(cls_attn.reshape(b, g, -1, hw[0] * hw[1]))", T_GLARE),
     Mutant("loc1_target_from_other_view", GLARE,
-           'loc1_loss(s_gp, t_p, inp["cells"]', 'loc1_loss(s_gp, other(t_p), inp["cells"]', T_GLARE),
+           'loc1_loss(s_distorted, t_p, inp["cells"]',
+           'loc1_loss(s_distorted, other(t_p), inp["cells"]', T_GLARE),
     Mutant("loc2_globals_against_own_view", GLARE,
            "sum_g = loc2_sum(s_gp, other(t_p), cg.index", "sum_g = loc2_sum(s_gp, t_p, cg.index",
            T_GLARE),
@@ -113,7 +117,19 @@ MUTANTS = (
     Mutant("reg_count_ignores_mask", GLARE,
            "reg_count = jnp.sum(reg_mask.astype(jnp.float32)) if w.w_reg > 0 else None",
            "reg_count = float(reg_mask.size) if w.w_reg > 0 else None", T_GLARE),
+    # --- GLARE: the switches of docs/DESIGN.md, "Readings of the paper"
+    Mutant("clean_student_pass_ignored", GLARE,
+           "s_main = self.student(student_params, g_img, jax.random.fold_in(k_drop_g, 1))",
+           "s_main = s_g", T_CLEAN),
+    Mutant("clean_student_loc1_reads_clean_pass", GLARE,
+           "s_distorted = s_out[4] if self.clean_student else s_gp", "s_distorted = s_gp", T_CLEAN),
+    Mutant("paper_cross_attention_normalises_context", HEADS,
+           "norm1 = (lambda x: x) if paper else nn.LayerNorm(",
+           "norm1 = (lambda x: x) if not paper else nn.LayerNorm(", T_PAPER),
     # --- DINO
+    Mutant("dino_warmup_temperature_off_by_one_epoch", COMMON,
+           "frac = epoch / max(warmup_epochs - 1, 1)", "frac = epoch / max(warmup_epochs, 1)",
+           T_DINO),
     Mutant("dino_teacher_sees_locals", DINO,
            't = self.teacher(teacher_params, batch["global_crops"])',
            't = self.teacher(teacher_params, batch["local_crops"][:, :2])', T_DINO),

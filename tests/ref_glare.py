@@ -120,7 +120,6 @@ def cross_attention(p, q, kv, heads, kv_mask=None, q_rows=None, form="udi"):
   w, bias = p["qkv"]["kernel"], p["qkv"]["bias"]
   if form == "udi":
     kv = layer_norm(p["norm1"], kv)
-  qn = kv.new_zeros(0)
   if q_rows is not None:
     qn = torch.as_tensor(q_rows, dtype=F64) @ kv
   else:
@@ -294,11 +293,16 @@ def glare(student, teacher, centres, batch, cfg, *, step, steps_per_epoch, cells
   per_image = lambda x, v: x.reshape(b, v, *x.shape[1:])
   t_tok, t_last, t_attn = per_image(t_tok, 2), per_image(t_last, 2), per_image(t_attn, 2)
   s_tok, s_last, sl_tok = per_image(s_tok, 2), per_image(s_last, 2), per_image(sl_tok, nl)
+  distorted_tok = s_tok
+  if distort and g.get("student_input", "distorted") == "clean":   # f(x) of eqs. 4, 5, 9
+    s_tok, s_last, _ = vit(student["backbone"], flat(gl), arch)
+    s_tok, s_last = per_image(s_tok, 2), per_image(s_last, 2)
   t_head = lambda x: head(teacher["head"], x).detach()
   s_head = lambda x: head(student["head"], x)
   t_cls, t_patch = t_head(t_tok[:, :, 0]), t_head(t_tok[:, :, prefix:])  # [B,2,K], [B,2,N,K]
   s_cls = s_head(torch.cat([s_tok[:, :, 0], sl_tok[:, :, 0]], 1))      # [B, 2 + L, K]
   s_patch, sl_patch = s_head(s_tok[:, :, prefix:]), s_head(sl_tok[:, :, prefix:])
+  s_distorted = s_head(distorted_tok[:, :, prefix:])
   views = [(s_patch[:, v], hw) for v in range(2)] + [(sl_patch[:, v], lhw) for v in range(nl)]
 
   terms, new = {}, dict(c)
@@ -318,7 +322,7 @@ def glare(student, teacher, centres, batch, cfg, *, step, steps_per_epoch, cells
       for v in range(2):
         sel = np.flatnonzero(cells[i, v])
         info["empty_views"] += len(sel) == 0
-        ce = h_loss(t_patch[i, v, sel], s_patch[i, v, sel], c["local"], t_temp, s_temp)
+        ce = h_loss(t_patch[i, v, sel], s_distorted[i, v, sel], c["local"], t_temp, s_temp)
         per.append(ce.sum() / max(len(sel), 1))
     terms["loc1"] = torch.stack(per).mean()
   # Eq. 9: every student patch against its bilinear match in each other teacher global.

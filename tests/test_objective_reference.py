@@ -76,8 +76,9 @@ def make_batch(config, seed):
 
 
 @functools.lru_cache(maxsize=None)
-def _params0(use_mask_token):
+def _params0(use_mask_token, ca_form="udi"):
   config = cfgs.pretrain_config("loveda", "tiny" + (",patch_aug=mask_block" if use_mask_token else ""))
+  config.cross_attention.form = ca_form
   return jax.jit(lambda k: init_params(build_models(config), k, config),
                  compiler_options=FAST_COMPILE)(jax.random.key(0))
 
@@ -89,7 +90,7 @@ def compare(arg, seed, step, mutate=None):
     mutate(config)
   models = build_models(config)
   objective = build_objective(config, models, steps_per_epoch=SPE)
-  params0 = _params0(config.model.use_mask_token)
+  params0 = _params0(config.model.use_mask_token, config.cross_attention.form)
   student, teacher = random_params(params0, seed), random_params(params0, seed + 100)
   rng = np.random.default_rng(seed + 200)
   k = config.head.out_dim
@@ -113,7 +114,7 @@ def compare(arg, seed, step, mutate=None):
   st, tt = ref.to_torch(student, grad=True), ref.to_torch(teacher)
   terms, ref_centres, t_temp, info = ref.glare(
       st, tt, centres, batch, config, step=step, steps_per_epoch=SPE, cells=cells,
-      size_u=size_u, start_u=start_u, vit_heads=2)
+      size_u=size_u, start_u=start_u, vit_heads=2, ca_form=config.cross_attention.form)
 
   assert float(metrics["teacher_temp"]) == pytest.approx(t_temp, rel=1e-6)
   got = {k[5:]: float(v) for k, v in metrics.items() if k.startswith("loss/")}

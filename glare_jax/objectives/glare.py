@@ -46,6 +46,7 @@ from glare_jax.models.vit import cls_patch_attention
 from glare_jax.objectives import chunked, common
 
 Array = jax.Array
+STUDENT_INPUTS = ("distorted", "clean")
 
 
 def other(x: Array) -> Array:
@@ -158,6 +159,14 @@ class GlareObjective(common.ObjectiveBase):
   def use_loc1(self) -> bool:
     return self.glare.w_loc1 > 0 and self.glare.patch_aug.kind != "none"
 
+  @property
+  def clean_student(self) -> bool:
+    """A second student pass on the clean globals (only when they are distorted)."""
+    mode = self.glare.get("student_input", "distorted")
+    if mode not in STUDENT_INPUTS:
+      raise ValueError(f"config.glare.student_input={mode!r}: use one of {STUDENT_INPUTS}")
+    return self.use_loc1 and mode == "clean"
+
   def __call__(self, student_params: Any, teacher_params: Any, centres: dict[str, Array],
                batch: dict[str, Array], rng: Array, step: Array):
     g_img, l_img = batch["global_crops"], batch["local_crops"]  # [B, G, ...], [B, L, ...]
@@ -178,18 +187,25 @@ class GlareObjective(common.ObjectiveBase):
     else:
       s_in, cells, patch_mask = g_img, None, None
     s_g = self.student(student_params, s_in, k_drop_g, patch_mask)
+    # L_glob, L_reg and L_loc2 read this single pass (iBOT's convention), or with
+    # glare.student_input='clean' a second pass on the clean globals (eqs. 4, 5, 9).
+    s_main = s_g
+    if self.clean_student:
+      s_main = self.student(student_params, g_img, jax.random.fold_in(k_drop_g, 1))
     s_l = self.student(student_params, l_img, k_drop_l)
     if t.num_prefix < 1:
       raise ValueError("GLARE needs a [CLS] token (model.num_prefix >= 1)")
 
     # --- region branch (cross-attention outputs, before the head).
-    s_parts = [s_g.tokens[:, :, 0], s_l.tokens[:, :, 0]]  # [CLS] of every view
+    s_parts = [s_main.tokens[:, :, 0], s_l.tokens[:, :, 0]]  # [CLS] of every view
     t_parts = [t.tokens[:, :, 0]]
     if w.w_loc1 > 0 or w.w_loc2 > 0:
-      s_parts += [s_g.patches(), s_l.patches()]
+      s_parts += [s_main.patches(), s_l.patches()]
+      if self.clean_student:
+        s_parts.append(s_g.patches())  # L_loc1's distorted patches (index 4)
       t_parts += [t.patches()]
     if w.w_reg > 0:
-      z_s, z_t, reg_mask, kept = self._regions(student_params, teacher_params, t, s_g,
+      z_s, z_t, reg_mask, kept = self._regions(student_params, teacher_params, t, s_main,
                                                boxes[:, :g], flips[:, :g], k_reg)
       s_parts.append(z_s)
       t_parts.append(z_t)
@@ -278,7 +294,8 @@ class GlareObjective(common.ObjectiveBase):
       s_gp, s_lp, t_p = s_out[2], s_out[3], t_out[1]  # [b,G,N,K], [b,L,n,K], [b,G,N,K]
       c = centres["local"]
       if self.use_loc1:
-        out["loc1"] = b * g * loc1_loss(s_gp, t_p, inp["cells"], c, t_temp, s_temp)
+        s_distorted = s_out[4] if self.clean_student else s_gp
+        out["loc1"] = b * g * loc1_loss(s_distorted, t_p, inp["cells"], c, t_temp, s_temp)
       if w.w_loc2 > 0:
         out["loc2"] = self._loc2_sum(s_gp, s_lp, t_p, *inp["matches"], c, t_temp)
       out["c_local"] = rows(t_p)
