@@ -77,7 +77,8 @@ def make_batch(config, seed):
 
 @functools.lru_cache(maxsize=None)
 def _params0(use_mask_token, ca_form="udi"):
-  config = cfgs.pretrain_config("loveda", "tiny" + (",patch_aug=mask_block" if use_mask_token else ""))
+  arg = "tiny,patch_aug=mask_block" if use_mask_token else "tiny"
+  config = cfgs.pretrain_config("loveda", arg)
   config.cross_attention.form = ca_form
   return jax.jit(lambda k: init_params(build_models(config), k, config),
                  compiler_options=FAST_COMPILE)(jax.random.key(0))
