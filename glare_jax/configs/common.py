@@ -170,6 +170,10 @@ def glare_config() -> mlc.ConfigDict:
       # backward pass. Same sums; the [rows, K = 8192] float32 logits of one chunk
       # instead of the batch's are alive at a time (~0.2 GB per image otherwise).
       head_chunk_size=0,
+      # What the student's globals are for L_glob, L_reg and L_loc2: 'distorted' (one
+      # pass with L_loc1's patch augmentation, iBOT's convention) or 'clean' (a second
+      # pass on the clean views, f(x) of eqs. 4, 5 and 9); docs/DESIGN.md.
+      student_input="distorted",
       # Per-term weights; Table 5's rows are these switched to 0.
       w_glob=1.0,
       w_reg=1.0,
@@ -286,7 +290,12 @@ def pretrain_config(dataset: str, arg: str | None = None) -> mlc.ConfigDict:
 
   c.model = model_config("S")
   c.head = head_config()
-  c.cross_attention = mlc.ConfigDict(dict(num_heads=6))
+  c.cross_attention = mlc.ConfigDict(dict(
+      num_heads=6,
+      # 'udi': UDI's trained module (norm1, qkv, proj, residual, post-norm; converts from
+      # its checkpoints); 'paper': eq. 5 as written, the qkv projection only.
+      form="udi",
+  ))
   c.crops = crops_config()
   c.loss = loss_config()
   c.glare = glare_config()

@@ -52,7 +52,7 @@ def build_models(config: mlc.ConfigDict) -> Models:
                           bottleneck_dim=hc.bottleneck_dim, num_layers=hc.num_layers,
                           dtype=dtype),
       cross_attention=CrossAttention(num_heads=config.cross_attention.num_heads,
-                                     dtype=dtype),
+                                     dtype=dtype, form=config.cross_attention.get("form", "udi")),
   )
 
 

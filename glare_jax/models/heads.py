@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from glare_jax.models.vit import LN_EPS, trunc_normal
 
 Array = jax.Array
+FORMS = ("udi", "paper")
 
 
 class ProjectionHead(nn.Module):
@@ -68,9 +69,14 @@ class CrossAttention(nn.Module):
   comes after `norm1`, as UDI multiplies its map into the normalised tokens).
   `kv_mask` marks valid context tokens, either for all queries ([B, S]) or per
   query ([B, Q, S], e.g. a different region R' for each group of queries).
+
+  `form='paper'` is eq. 5 as written, out = (W_v Z) softmax(tau (W_k Z)^T W_q q)
+  per head, with only the `qkv` projection (no norms, residual or output
+  projection; docs/DESIGN.md, "Readings of the paper").
   """
   num_heads: int = 6
   dtype: Any = jnp.float32
+  form: str = "udi"   # 'udi' (UDI's trained module) or 'paper' (eq. 5)
 
   @nn.compact
   def __call__(self, q: Array | None, kv: Array, kv_mask: Array | None = None,
@@ -78,9 +84,12 @@ class CrossAttention(nn.Module):
     # q: [B, Q, D] or None with q_map [B, Q, S]; kv: [B, S, D]
     if (q is None) == (q_map is None):
       raise ValueError("CrossAttention takes query tokens q or a query map q_map, not both")
+    if self.form not in FORMS:
+      raise ValueError(f"config.cross_attention.form={self.form!r}: use one of {FORMS}")
+    paper = self.form == "paper"
     b, s, d = kv.shape
     hd = d // self.num_heads
-    norm1 = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm1")
+    norm1 = (lambda x: x) if paper else nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm1")
     qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=trunc_normal, name="qkv")
     kv = norm1(kv)
     if q_map is None:
@@ -98,5 +107,7 @@ class CrossAttention(nn.Module):
       logits = jnp.where(mask, logits, -1e30)
     attn = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bhqk,bkhc->bqhc", attn.astype(self.dtype), v).reshape(b, nq, d)
+    if paper:
+      return out
     out = nn.Dense(d, dtype=self.dtype, kernel_init=trunc_normal, name="proj")(out)
     return nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm")(q + out)

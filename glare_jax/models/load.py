@@ -160,6 +160,9 @@ def merge_converted(fresh: dict[str, Any], converted: dict[str, Any], spec: Mode
         value = _adapt_pos_embed(value, spec, flat, drop_prefix, pos_resize, problems, notes)
         if value is None:
           continue
+      if key not in flat and part == "cross_attention":   # form='paper' keeps qkv only
+        notes.append(f"{key}: the model's cross-attention has none; not loaded")
+        continue
       if key not in flat:
         problems.append(f"{key}: in the checkpoint {value.shape}, not in the model")
       elif tuple(flat[key].shape) != value.shape:

@@ -2,7 +2,7 @@
 
 Views as in FLSL: the teacher sees the first global crop only; the student sees
 the second global crop and every local crop. The crops themselves are GLARE's
-multi-crop (SPEC section 5), the same data for every objective, not FLSL's own
+multi-crop (docs/DESIGN.md, "Views and boxes"), the same data for every objective, not FLSL's own
 augmentation (which cuts the student's crops from inside the teacher's, without
 flips). Prefix tokens are dropped
 (`flsl.drop_prefix`: the ViT runs without [CLS] / [CLS+], the learned patch

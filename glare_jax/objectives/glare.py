@@ -1,39 +1,16 @@
-"""The GLARE objective: L = w_glob L_glob + w_reg L_reg + w_loc1 L_loc1 + w_loc2 L_loc2.
+"""The GLARE objective, eq. 10 with weights:
+L = w_glob L_glob + w_reg L_reg + w_loc1 L_loc1 + w_loc2 L_loc2.
 
-Views: G = 2 global crops (teacher and student) and L local crops (student only).
-The student sees its globals once, with the patch augmentation of L_loc1 applied
-(that single pass feeds every term), and its locals in a second backbone call; the
-teacher sees the clean globals in one call. One projection head serves every
-level; one centre per level ('global', 'region', 'local').
-
-* L_glob (eq. 4): DINO loss on [CLS]: every (teacher global t, student view v) pair
-  with v != t, averaged over pairs and images.
-* L_reg (eqs. 5-7): M regions per student global view X (data/regions.py), each
-  paired with the other global view X'. Student: z~_r = CA(q = student tokens of
-  R's patches, k = v = all student patch tokens of X). Teacher (EMA CA, no
-  gradient): z~'_r = CA(q = teacher tokens of X' interpolated bilinearly at the
-  positions of R's patch centres, after the module's norm1 as in UDI's
-  MaskedAttention, k = v = teacher tokens of the X' patches of R', the patches
-  overlapping the area R covers). The loss is H(g'(z~'_r), g(z~_r))
-  for every patch r of a kept region whose centre lies inside X', averaged over
-  all such (image, view, region, patch) entries. Cross-attention inputs are the
-  last block's tokens before the final LayerNorm, as UDI's module was trained.
-* L_loc1 (eq. 8): on the student's distorted globals, H(teacher clean view, student)
-  over the distorted patches: masked mean per view (denominator clamped at 1),
-  then mean over views and images (iBOT).
-* L_loc2 (eq. 9): every student patch of every view is carried into each teacher
-  global that is not its own view; the target is the teacher distribution there,
-  bilinear over the 4 neighbouring teacher patches; positions outside the teacher
-  view are masked. Averaged over all matched (patch, teacher view) pairs.
-
-A term with weight 0 is not computed (nor reported), and the patch augmentation is
-applied only while L_loc1 is on; `patch_aug.kind = 'none'` drops L_loc1.
+The teacher sees the two clean global views, the student the globals (with L_loc1's
+patch augmentation) and the locals; one projection head, one centre per level
+('global', 'region', 'local'). What each term pairs, masks and averages:
+docs/DESIGN.md, "GLARE's terms"; switches: "Readings of the paper".
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +23,7 @@ from glare_jax.models.vit import cls_patch_attention
 from glare_jax.objectives import chunked, common
 
 Array = jax.Array
+STUDENT_INPUTS = ("distorted", "clean")
 
 
 def other(x: Array) -> Array:
@@ -145,6 +123,29 @@ def region_features(student_ca, teacher_ca, xs: Array, xt: Array, regions: reg.R
 
 # ---------------------------------------------------------------- the objective
 
+class Backbones(NamedTuple):
+  """The backbone passes of one step."""
+  teacher_global: common.Views     # teacher on the clean globals [B, G]
+  student_global: common.Views     # student globals read by L_glob, L_reg, L_loc2
+  student_distorted: common.Views  # student on the distorted globals (L_loc1); the
+                                   # same pass unless glare.student_input='clean'
+  student_local: common.Views      # student on the locals [B, L]
+  cells: Array | None              # [B, G, N] distorted cells, None without L_loc1
+
+
+class TokenSets(NamedTuple):
+  """The head's inputs and what normalises the terms (`_token_sets`)."""
+  student: list[Array]    # [CLS] globals, [CLS] locals[, patches, locals' patches
+                          # [, distorted patches]][, region CA outputs]
+  teacher: list[Array]    # [CLS] globals[, patches][, region CA outputs]
+  matches: tuple | None   # L_loc2's correspondences
+  cells: Array | None
+  reg_mask: Array | None  # [B, G, M, S] kept region patches inside the other view
+  loc2_count: Array | None
+  reg_count: Array | None
+  metrics: dict[str, Array]
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class GlareObjective(common.ObjectiveBase):
   """GLARE; hyperparameters from `config.glare` (weights, regions, patch_aug)."""
@@ -158,90 +159,122 @@ class GlareObjective(common.ObjectiveBase):
   def use_loc1(self) -> bool:
     return self.glare.w_loc1 > 0 and self.glare.patch_aug.kind != "none"
 
+  @property
+  def clean_student(self) -> bool:
+    """A second student pass on the clean globals (only when they are distorted)."""
+    mode = self.glare.get("student_input", "distorted")
+    if mode not in STUDENT_INPUTS:
+      raise ValueError(f"config.glare.student_input={mode!r}: use one of {STUDENT_INPUTS}")
+    return self.use_loc1 and mode == "clean"
+
   def __call__(self, student_params: Any, teacher_params: Any, centres: dict[str, Array],
                batch: dict[str, Array], rng: Array, step: Array):
-    g_img, l_img = batch["global_crops"], batch["local_crops"]  # [B, G, ...], [B, L, ...]
+    """Eq. 10 with weights, sum_k w_k L_k -> (loss, (metrics, new centres)), in four
+    steps: backbones -> token sets -> head sums -> centres."""
     boxes, flips = batch["boxes"], batch["flips"]                 # [B, G + L, 4], [B, G + L]
-    b, g = g_img.shape[:2]
+    b, g = batch["global_crops"].shape[:2]
     if g != 2:
-      raise ValueError(f"GLARE pairs each global view with the other one: needs 2 global crops, got {g}")
+      raise ValueError(f"GLARE pairs each global view with the other one: needs 2 global "
+                       f"crops, got {g}")
     k_aug, k_reg, k_drop_g, k_drop_l = jax.random.split(rng, 4)
     t_temp = self.temperature(step)
-    w = self.glare
-    metrics = {"teacher_temp": t_temp}
+    views = self._backbones(student_params, teacher_params, batch, k_aug, k_drop_g, k_drop_l)
+    sets = self._token_sets(student_params, teacher_params, views, boxes, flips, k_reg)
+    loss, sums, norm = self._weighted_head_sums(student_params, teacher_params, centres, sets,
+                                                t_temp, b)
+    metrics = {"teacher_temp": t_temp, **sets.metrics,
+               **{f"loss/{k}": sums[k] / v for k, v in norm.items()}}
+    new = self._new_centres(centres, sums, norm, b * g, views.teacher_global.grid)
+    return loss, (metrics, new)
 
-    # --- backbones: teacher on clean globals, student on distorted globals + locals.
-    t = self.teacher(teacher_params, g_img)
-    if self.use_loc1:
-      aug = paug.apply_patch_aug(k_aug, g_img, self.patch_size, w.patch_aug)
-      s_in, cells, patch_mask = aug.images, aug.cells, aug.patch_mask
-    else:
-      s_in, cells, patch_mask = g_img, None, None
-    s_g = self.student(student_params, s_in, k_drop_g, patch_mask)
-    s_l = self.student(student_params, l_img, k_drop_l)
-    if t.num_prefix < 1:
+  def _backbones(self, sp, tp, batch, k_aug, k_drop_g, k_drop_l) -> Backbones:
+    """Teacher on the clean globals; student on the globals distorted for L_loc1
+    (eq. 8), on the clean globals too with glare.student_input='clean', and on the
+    locals."""
+    clean_global, local = batch["global_crops"], batch["local_crops"]  # [B, G, ...], [B, L, ...]
+    teacher_global = self.teacher(tp, clean_global)
+    if teacher_global.num_prefix < 1:
       raise ValueError("GLARE needs a [CLS] token (model.num_prefix >= 1)")
+    student_input, cells, patch_mask = clean_global, None, None
+    if self.use_loc1:
+      aug = paug.apply_patch_aug(k_aug, clean_global, self.patch_size, self.glare.patch_aug)
+      student_input, cells, patch_mask = aug.images, aug.cells, aug.patch_mask
+    student_distorted = self.student(sp, student_input, k_drop_g, patch_mask)
+    student_global = student_distorted   # one pass for every term (iBOT's convention)
+    if self.clean_student:
+      student_global = self.student(sp, clean_global, jax.random.fold_in(k_drop_g, 1))
+    student_local = self.student(sp, local, k_drop_l)
+    return Backbones(teacher_global, student_global, student_distorted, student_local, cells)
 
-    # --- region branch (cross-attention outputs, before the head).
-    s_parts = [s_g.tokens[:, :, 0], s_l.tokens[:, :, 0]]  # [CLS] of every view
-    t_parts = [t.tokens[:, :, 0]]
+  def _token_sets(self, sp, tp, views: Backbones, boxes, flips, key) -> TokenSets:
+    """The head's inputs: [CLS] of every view (eq. 4), patch tokens (eqs. 8, 9) and
+    the regions' cross-attention outputs (eqs. 5, 6), with the counts that
+    normalise L_loc2 and L_reg (they need no head)."""
+    w = self.glare
+    teacher, student, local = views.teacher_global, views.student_global, views.student_local
+    student_sets = [student.tokens[:, :, 0], local.tokens[:, :, 0]]  # [B, G, D], [B, L, D]
+    teacher_sets = [teacher.tokens[:, :, 0]]                         # [B, G, D]
+    metrics, matches, loc2_count, reg_mask, reg_count = {}, None, None, None, None
     if w.w_loc1 > 0 or w.w_loc2 > 0:
-      s_parts += [s_g.patches(), s_l.patches()]
-      t_parts += [t.patches()]
+      student_sets += [student.patches(), local.patches()]          # [B, G, N, D], [B, L, n, D]
+      if self.clean_student:
+        student_sets.append(views.student_distorted.patches())     # L_loc1's, index 4
+      teacher_sets.append(teacher.patches())                        # [B, G, N, D]
+    if self.use_loc1:
+      metrics["loc1/distorted"] = jnp.mean(views.cells)
+    if w.w_loc2 > 0:
+      matches = self._loc2_matches(boxes, flips, teacher.grid, local.grid)
+      loc2_count = matched(*matches)
+      metrics["loc2/matched"] = loc2_count / sum(c.valid.size for c in matches)
     if w.w_reg > 0:
-      z_s, z_t, reg_mask, kept = self._regions(student_params, teacher_params, t, s_g,
-                                               boxes[:, :g], flips[:, :g], k_reg)
-      s_parts.append(z_s)
-      t_parts.append(z_t)
+      region_student, region_teacher, reg_mask, kept = self._regions(
+          sp, tp, teacher, student, boxes[:, :2], flips[:, :2], key)  # [B, G, M, S, D]
+      student_sets.append(region_student)
+      teacher_sets.append(region_teacher)
+      reg_count = jnp.sum(reg_mask.astype(jnp.float32))
       metrics["reg/kept"] = jnp.mean(kept)
+    return TokenSets(student_sets, teacher_sets, matches, views.cells, reg_mask, loc2_count,
+                     reg_count, metrics)
 
-    # --- the head on every token set and the loss terms as sums over images; the
-    # loss is sum_k coef[k] sums[k] (coef = weight / normaliser; the normalisers are
-    # counts that need no head). Over the whole batch at once, or in chunks of
-    # `head_chunk_size` images, each differentiated as it is computed
-    # (objectives/chunked.py), so that only one chunk's [rows, K] logits,
-    # probabilities and their gradients are alive at a time (the same sums).
-    # L_loc2's correspondences and the two counts, once for the batch.
-    matches = self._loc2_matches(boxes, flips, t.grid, s_l.grid) if w.w_loc2 > 0 else None
-    loc2_count = matched(*matches) if w.w_loc2 > 0 else None
-    reg_mask = reg_mask if w.w_reg > 0 else None
-    reg_count = jnp.sum(reg_mask.astype(jnp.float32)) if w.w_reg > 0 else None
-    rest = dict(t_parts=t_parts, matches=matches, cells=cells, reg_mask=reg_mask)
-    consts = dict(head=teacher_params["head"], centres=centres, t_temp=t_temp)
+  def _weighted_head_sums(self, sp, tp, centres, sets: TokenSets, t_temp, b):
+    """The head on every token set and each term's sum over images; the loss is
+    sum_k coef[k] sums[k] with coef = weight / normaliser. Over the batch at once or
+    in chunks of `head_chunk_size` images (objectives/chunked.py: the same sums,
+    one chunk's [rows, K] logits alive at a time)."""
+    w = self.glare
+    rest = dict(t_parts=sets.teacher, matches=sets.matches, cells=sets.cells,
+                reg_mask=sets.reg_mask)
+    consts = dict(head=tp["head"], centres=centres, t_temp=t_temp)
     head_sums = lambda sp_head, s_in, r, c: self._head_sums(
         sp_head, c["head"], c["centres"], dict(r, s_parts=s_in), c["t_temp"])
-    norm = self._normalisers(b, g, loc2_count, reg_count)
+    norm = self._normalisers(b, 2, sets.loc2_count, sets.reg_count)
     weights = {"glob": w.w_glob, "loc1": w.w_loc1, "loc2": w.w_loc2, "reg": w.w_reg}
     coef = {k: jnp.asarray(weights[k] / v, jnp.float32) for k, v in norm.items()}
     size = w.head_chunk_size
     if 0 < size < b:
       if b % size:
         raise ValueError(f"config.glare.head_chunk_size={size} does not divide the batch of {b}")
-      loss, sums = chunked.weighted_sums_in_chunks(head_sums, b // size, student_params["head"],
-                                                   s_parts, rest, consts, coef)
+      loss, sums = chunked.weighted_sums_in_chunks(head_sums, b // size, sp["head"],
+                                                   sets.student, rest, consts, coef)
     else:
-      sums = head_sums(student_params["head"], s_parts, rest, consts)
+      sums = head_sums(sp["head"], sets.student, rest, consts)
       loss = chunked.weighted(sums, coef)
+    return loss, sums, norm
 
-    # Each term is its sum over images divided by its normaliser.
-    metrics.update({f"loss/{k}": sums[k] / v for k, v in norm.items()})
+  def _new_centres(self, centres, sums, norm, views, grid) -> dict[str, Array]:
+    """Each level's centre moved towards the mean of its teacher outputs: [CLS] over
+    the `views` = B G teacher globals, patches over their N patches each, regions
+    over the kept region patches."""
+    w, m = self.glare, self.center_momentum
     new = dict(centres)
-    n = t.grid[0] * t.grid[1]
     if w.w_glob > 0:
-      new["global"] = common.update_centre(centres["global"], sums["c_global"] / (b * g),
-                                           self.center_momentum)
+      new["global"] = common.update_centre(centres["global"], sums["c_global"] / views, m)
     if w.w_loc1 > 0 or w.w_loc2 > 0:
-      if self.use_loc1:
-        metrics["loc1/distorted"] = jnp.mean(cells)
-      if w.w_loc2 > 0:
-        possible = b * g * (n + l_img.shape[1] * s_l.grid[0] * s_l.grid[1])
-        metrics["loc2/matched"] = loc2_count / possible
-      new["local"] = common.update_centre(centres["local"], sums["c_local"] / (b * g * n),
-                                          self.center_momentum)
+      patches = views * grid[0] * grid[1]
+      new["local"] = common.update_centre(centres["local"], sums["c_local"] / patches, m)
     if w.w_reg > 0:
-      new["region"] = common.update_centre(centres["region"], sums["c_region"] / norm["reg"],
-                                           self.center_momentum)
-    return loss, (metrics, new)
+      new["region"] = common.update_centre(centres["region"], sums["c_region"] / norm["reg"], m)
+    return new
 
   def _normalisers(self, b, g, loc2_count, reg_count) -> dict[str, Any]:
     """{term: the number its sum over images is divided by} for each term that is
@@ -263,38 +296,46 @@ class GlareObjective(common.ObjectiveBase):
     term's sum over those images: glob (b x mean), loc1 (b G x mean), loc2 and reg
     (sums of H), and the sums of teacher outputs the centres move towards."""
     w, s_temp = self.glare, self.student_temp
-    s_out = common.apply_head(self.models.head, sp_head, inp["s_parts"])
-    t_out = common.apply_head(self.models.head, tp_head, inp["t_parts"])
-    t_out = [jax.lax.stop_gradient(x) for x in t_out]
-    s_cls = jnp.concatenate(s_out[:2], axis=1)  # [b, G + L, K]
-    t_cls = t_out[0]                            # [b, G, K]
-    b, g = t_cls.shape[:2]
+    student_out = common.apply_head(self.models.head, sp_head, inp["s_parts"])
+    teacher_out = common.apply_head(self.models.head, tp_head, inp["t_parts"])
+    teacher_out = [jax.lax.stop_gradient(x) for x in teacher_out]
+    student_cls = jnp.concatenate(student_out[:2], axis=1)  # [b, G + L, K]
+    teacher_cls = teacher_out[0]                            # [b, G, K]
+    b, g = teacher_cls.shape[:2]
     rows = lambda x: jnp.sum(x.reshape(-1, x.shape[-1]), 0)  # [..., K] -> [K]
     out = {}
-    if w.w_glob > 0:
-      out["glob"] = b * glob_loss(s_cls, t_cls, centres["global"], t_temp, s_temp)
-      out["c_global"] = rows(t_cls)
+    if w.w_glob > 0:   # eq. 4
+      out["glob"] = b * glob_loss(student_cls, teacher_cls, centres["global"], t_temp, s_temp)
+      out["c_global"] = rows(teacher_cls)
     if w.w_loc1 > 0 or w.w_loc2 > 0:
-      s_gp, s_lp, t_p = s_out[2], s_out[3], t_out[1]  # [b,G,N,K], [b,L,n,K], [b,G,N,K]
+      student_patches, local_patches = student_out[2], student_out[3]  # [b,G,N,K], [b,L,n,K]
+      teacher_patches = teacher_out[1]                                 # [b, G, N, K]
       c = centres["local"]
-      if self.use_loc1:
-        out["loc1"] = b * g * loc1_loss(s_gp, t_p, inp["cells"], c, t_temp, s_temp)
-      if w.w_loc2 > 0:
-        out["loc2"] = self._loc2_sum(s_gp, s_lp, t_p, *inp["matches"], c, t_temp)
-      out["c_local"] = rows(t_p)
-    if w.w_reg > 0:
-      z_s_out, z_t_out = s_out[-1], t_out[-1]  # [b, G, M, S, K]
+      if self.use_loc1:   # eq. 8
+        distorted = student_out[4] if self.clean_student else student_patches
+        out["loc1"] = b * g * loc1_loss(distorted, teacher_patches, inp["cells"], c, t_temp,
+                                        s_temp)
+      if w.w_loc2 > 0:    # eq. 9
+        out["loc2"] = self._loc2_sum(student_patches, local_patches, teacher_patches,
+                                     *inp["matches"], c, t_temp)
+      out["c_local"] = rows(teacher_patches)
+    if w.w_reg > 0:       # eq. 7
+      region_student, region_teacher = student_out[-1], teacher_out[-1]  # [b, G, M, S, K]
       mask = inp["reg_mask"].astype(jnp.float32)
-      out["reg"], _ = reg_sums(z_s_out, z_t_out, mask, centres["region"], t_temp, s_temp)
-      out["c_region"] = rows(z_t_out * mask[..., None])
+      out["reg"], _ = reg_sums(region_student, region_teacher, mask, centres["region"], t_temp,
+                               s_temp)
+      out["c_region"] = rows(region_teacher * mask[..., None])
     return out
 
-  def _regions(self, sp, tp, t: common.Views, s_g: common.Views, boxes, flips, key):
-    """Student and teacher cross-attention outputs [B, G, M, S, D] of the regions."""
+  def _regions(self, sp, tp, teacher: common.Views, student: common.Views, boxes, flips, key):
+    """Eqs. 5 and 6: student and teacher cross-attention outputs [B, G, M, S, D] of
+    the regions R of each global view X and their counterparts in X' = the other,
+    the mask of kept region patches inside X' and the kept regions."""
     cfg = self.glare.regions
     b, g = boxes.shape[:2]
-    hw = t.grid
-    cls_attn = cls_patch_attention(t.attn.reshape(b * g, *t.attn.shape[2:]), t.num_prefix)
+    hw = teacher.grid
+    attn = teacher.attn.reshape(b * g, *teacher.attn.shape[2:])
+    cls_attn = cls_patch_attention(attn, teacher.num_prefix)
     cls_attn = cls_attn.reshape(b, g, -1, hw[0] * hw[1])  # [B, G, heads, N]
     regions = reg.draw_regions(key, cfg, hw, (b, g), cls_attn)
     mapped = reg.map_regions(regions, boxes, flips, hw, other(boxes), other(flips), hw,
@@ -304,7 +345,7 @@ class GlareObjective(common.ObjectiveBase):
         lambda q, kv: ca.apply({"params": sp["cross_attention"]}, q, kv),
         lambda q_map, kv, mask: ca.apply({"params": tp["cross_attention"]}, None, kv, mask,
                                          q_map=q_map),
-        s_g.last_patches(), other(t.last_patches()), regions, mapped)
+        student.last_patches(), other(teacher.last_patches()), regions, mapped)
     mask = mapped.inside & mapped.keep[..., None]  # [B, G, M, S]
     return z_s, jax.lax.stop_gradient(z_t), mask, mapped.keep
 
