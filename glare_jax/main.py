@@ -74,7 +74,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Heavy imports after flag parsing: `--help` stays fast.
-  from glare_jax.train import distributed, preflight  # pylint: disable=g-import-not-at-top
+  from glare_jax.train import checkpoint, distributed, preflight  # pylint: disable=g-import-not-at-top
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   config, workdir = _CONFIG.value, _WORKDIR.value
   distributed.initialize(config.distributed)
@@ -84,7 +84,10 @@ def main(argv):
   except preflight.BadInput as e:
     return preflight.report(e)
   logging.info("config: %s/config.json", workdir)
-  module.run(config, workdir)
+  try:
+    module.run(config, workdir)
+  except checkpoint.CheckpointError as e:   # no intact checkpoint, a failed save, a full disk
+    return preflight.report(e)
   return 0
 
 

@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import tiny_trainer
+from glare_jax import integrity
 from glare_jax.train import checkpoint
 from glare_jax.train import logging as train_logging
 from glare_jax.train import sharding
@@ -138,6 +139,7 @@ def test_restore_with_other_process_count_names_the_problem(tmp_path):
     ckpt.save(1, state, data)
   d = tmp_path / "checkpoints" / "1" / "data"
   (d / "process_0-of-1.json").rename(d / "process_0-of-2.json")
+  integrity.write_manifest(d.parent)   # as if two processes had written it
   with checkpoint.Checkpointer(tmp_path, every_steps=1, keep=1) as ckpt:
     target = checkpoint.abstract_state(jax.eval_shape(lambda: state),
                                        jax.tree.map(lambda x: x.sharding, state))
