@@ -110,6 +110,20 @@ def problem(folder: os.PathLike | str) -> str | None:
   return None
 
 
+def newest_intact(root: os.PathLike | str) -> tuple[int | None, list[str]]:
+  """(the newest `root/<step>` folder that verifies, or None; "step N: problem" for
+  each newer one that does not). Reads every file of the steps it checks."""
+  root = pathlib.Path(root)
+  steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()),
+                 reverse=True) if root.is_dir() else []
+  damaged = []
+  for step in steps:
+    if (p := problem(root / str(step))) is None:
+      return step, damaged
+    damaged.append(f"step {step}: {p}")
+  return None, damaged
+
+
 def verify(folder: os.PathLike | str) -> None:
   """Raises Damaged when `folder` is not as its manifest says."""
   if (p := problem(folder)) is not None:

@@ -137,21 +137,6 @@ def state_bytes(shapes: Any) -> int:
              and not jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key))
 
 
-def newest_intact_step(root: str | os.PathLike) -> tuple[int | None, list[str]]:
-  """(newest step under `root` whose manifest verifies, or None; one line per step
-  that did not verify, newest first). Reads every file of the steps it checks."""
-  root = pathlib.Path(root)
-  steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()),
-                 reverse=True) if root.is_dir() else []
-  damaged = []
-  for step in steps:
-    problem = integrity.problem(root / str(step))
-    if problem is None:
-      return step, damaged
-    damaged.append(f"step {step}: {problem}")
-  return None, damaged
-
-
 class Checkpointer:
   """orbax CheckpointManager over `workdir/checkpoints`, keeping the last `keep`.
 
@@ -315,7 +300,7 @@ class Checkpointer:
     return out["state"]
 
   def _newest_intact(self, root: pathlib.Path) -> int:
-    step, damaged = newest_intact_step(root)
+    step, damaged = integrity.newest_intact(root)
     if step is None:
       found = "; ".join(damaged) or "none"
       raise NoIntactCheckpoint(
@@ -340,7 +325,7 @@ class Checkpointer:
       self.wait()
     except SaveFailed:
       pass
-    step, _ = newest_intact_step(os.fspath(self.directory))
+    step, _ = integrity.newest_intact(os.fspath(self.directory))
     if step is None:
       return f"there is no intact checkpoint in {self.directory}"
     return f"the newest intact checkpoint is step {step} ({self.directory / str(step)})"
