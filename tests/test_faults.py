@@ -261,3 +261,19 @@ def test_flipped_bit_in_the_latest_checkpoint_resumes_from_the_previous(tmp_path
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   names = sorted(p.name for p in (tmp_path / "w" / "checkpoints").iterdir())
   assert names == ["12", "4", "8", "8.damaged"]
+
+
+def test_prepare_removes_the_folder_a_killed_prepare_left(tmp_path, caplog):
+  from glare_jax.data import builders, prepare  # pylint: disable=g-import-not-at-top
+  kw = dict(num_train=3, num_validation=1, image_size=32, seed=1)
+  final = pathlib.Path(builders.get_builder("demo", tmp_path, **kw).data_dir)
+  left = final.parent / f"incomplete.AB12CD_{final.name}"       # as tfds names it
+  other = final.parent / "incomplete.EF34GH_0.0.1"               # another version's: kept
+  for d in (left, other):
+    (d / "demo-train.array_record-00000-of-00001").parent.mkdir(parents=True)
+    (d / "demo-train.array_record-00000-of-00001").write_bytes(b"\0" * 100)
+  with caplog.at_level(logging.WARNING):
+    assert prepare.prepare("demo", tmp_path, **kw) == final
+  assert not left.exists() and other.exists() and final.is_dir()
+  said = [r.getMessage() for r in caplog.records if "interrupted prepare" in r.getMessage()]
+  assert said == [f"removing {left}, left by an interrupted prepare"]
