@@ -1,4 +1,4 @@
-"""Content hashes of a finished checkpoint folder (docs/DESIGN.md, "Checkpoints").
+"""Content hashes of a finished checkpoint folder.
 
     integrity.write_manifest(folder)   # once every file of the save is written
     integrity.verify(folder)           # raises Damaged naming the file at fault
@@ -7,7 +7,8 @@
 size, BLAKE2b-128 of the bytes). It is written last, to a temporary name and
 then renamed, so a folder without it is a save that did not finish. Training
 checkpoints (`train/checkpoint.py`) and converted checkpoints
-(`models/load.py`) both carry one; whoever reads them verifies it first.
+(`models/load.py`) both carry one; whoever reads them verifies it first
+(docs/DESIGN.md, "The training loop": Checkpoints).
 """
 
 from __future__ import annotations

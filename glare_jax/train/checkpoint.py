@@ -25,7 +25,7 @@ when the next run opens the manager. Then process 0 writes `<step>/manifest.json
 is not intact. A resumed run verifies it, sets a damaged newest step aside as
 `<step>.damaged` (never deletes it) and resumes from the newest intact one.
 Failures raise CheckpointError subclasses with a one-line message
-(docs/DESIGN.md, "Checkpoints").
+(docs/DESIGN.md, "The training loop": Checkpoints).
 """
 
 from __future__ import annotations
@@ -146,8 +146,7 @@ class Checkpointer:
   `glare_jax.integrity`) is written; only then are older steps beyond `keep`
   deleted. Call `check()` every step: it raises SaveFailed as soon as a
   background save failed. `restore` verifies the manifest and falls back to the
-  newest intact step (DESIGN.md, "Checkpoints"). `every_steps` <= 0 disables
-  periodic saves (`due` is False).
+  newest intact step. `every_steps` <= 0 disables periodic saves (`due` is False).
   """
 
   def __init__(self, workdir: str | os.PathLike, *, every_steps: int, keep: int,
