@@ -277,3 +277,25 @@ def test_prepare_removes_the_folder_a_killed_prepare_left(tmp_path, caplog):
   assert not left.exists() and other.exists() and final.is_dir()
   said = [r.getMessage() for r in caplog.records if "interrupted prepare" in r.getMessage()]
   assert said == [f"removing {left}, left by an interrupted prepare"]
+
+
+def test_the_program_resumes_past_a_flipped_bit_and_stops_when_none_is_intact(tmp_path):
+  """glare_jax.main: a damaged newest step is one notice and exit 0; no intact step
+  is one `error:` line and exit 2, without a traceback."""
+  from test_main_config import main_program  # pylint: disable=g-import-not-at-top
+  root = save_steps(tmp_path / "run")
+  flip_bit(largest_array_file(root / "2"), 1)
+  args = ["--config=configs/demo.py:tiny", f"--workdir={tmp_path / 'run'}",
+          f"--config.data_dir={tmp_path / 'data'}"]
+  modes = {"pretrain": "restore_mode"}
+  r = main_program(args, modes)
+  assert r.returncode == 0, r.stderr
+  assert "resumed step 1" in r.stdout
+  notices = [ln for ln in r.stderr.splitlines() if "resuming from step 1" in ln]
+  assert len(notices) == 1 and "step 2: state/" in notices[0], r.stderr
+  flip_bit(largest_array_file(root / "1"), 1)
+  r = main_program(args, modes)
+  assert r.returncode == 2, r.stderr
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: {root}: no intact checkpoint to resume from (step 1: state/")
+  assert "step 2.damaged" not in last and "Traceback" not in r.stderr
