@@ -111,8 +111,8 @@ def problem(folder: os.PathLike | str) -> str | None:
   return None
 
 
-def newest_intact(root: os.PathLike | str) -> tuple[int | None, list[str]]:
-  """(the newest `root/<step>` folder that verifies, or None; "step N: problem" for
+def newest_intact(root: os.PathLike | str) -> tuple[int | None, list[tuple[int, str]]]:
+  """(the newest `root/<step>` folder that verifies, or None; (step, problem) of
   each newer one that does not). Reads every file of the steps it checks."""
   root = pathlib.Path(root)
   steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()),
@@ -121,8 +121,13 @@ def newest_intact(root: os.PathLike | str) -> tuple[int | None, list[str]]:
   for step in steps:
     if (p := problem(root / str(step))) is None:
       return step, damaged
-    damaged.append(f"step {step}: {p}")
+    damaged.append((step, p))
   return None, damaged
+
+
+def describe(damaged: list[tuple[int, str]]) -> str:
+  """newest_intact's damaged steps as "step N: problem; step M: ..."."""
+  return "; ".join(f"step {step}: {p}" for step, p in damaged)
 
 
 def verify(folder: os.PathLike | str) -> None:

@@ -301,17 +301,16 @@ class Checkpointer:
   def _newest_intact(self, root: pathlib.Path) -> int:
     step, damaged = integrity.newest_intact(root)
     if step is None:
-      found = "; ".join(damaged) or "none"
+      found = integrity.describe(damaged) or "none"
       raise NoIntactCheckpoint(
           f"{root}: no intact checkpoint to resume from ({found}); move the folder aside "
           "(or use another --workdir) to start afresh")
     if damaged:
       if jax.process_index() == 0:
-        for line in damaged:
-          bad = int(line.split(":")[0].split()[1])
+        for bad, problem in damaged:
           aside = _set_aside(root / str(bad))
-          logging.warning("checkpoint: %s; renamed to %s, resuming from step %d", line,
-                          aside.name, step)
+          logging.warning("checkpoint: step %d: %s; renamed to %s, resuming from step %d",
+                          bad, problem, aside.name, step)
       if jax.process_count() > 1:
         from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
         multihost_utils.sync_global_devices("checkpoint: damaged steps set aside")

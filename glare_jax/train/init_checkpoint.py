@@ -63,9 +63,9 @@ def latest_step(workdir: pathlib.Path) -> int:
   if step is None and not damaged:
     raise FileNotFoundError(f"{root} holds no finished checkpoint (no <step>/state)")
   if step is None:
-    raise integrity.Damaged(root, "no intact checkpoint (" + "; ".join(damaged) + ")")
-  for line in damaged:
-    logging.warning("%s: skipped %s; reading step %d", root, line, step)
+    raise integrity.Damaged(root, f"no intact checkpoint ({integrity.describe(damaged)})")
+  for bad, problem in damaged:
+    logging.warning("%s: skipped step %d: %s; reading step %d", root, bad, problem, step)
   return step
 
 
