@@ -189,3 +189,28 @@ def test_init_checkpoint_of_a_workdir_skips_a_damaged_newest_step(tmp_path, capl
   with pytest.raises(integrity.Damaged, match=r"no intact checkpoint \(step 10: .*; step 5: "
                                               r"no manifest.json"):
     init_checkpoint.latest_step(tmp_path / "run")
+
+
+def test_a_conversion_left_between_two_renames_is_named(tmp_path, monkeypatch):
+  """Without the atomic exchange a kill between the two renames leaves no DIR:
+  loading it names the complete conversion beside it."""
+  out = tmp_path / "c"
+  load.save_converted(out, params_of(1.0), SPEC)
+  monkeypatch.setattr(load, "_exchange", lambda a, b: False)
+
+  def killed(self, target):
+    raise KeyboardInterrupt   # stands in for the kill, after DIR was moved aside
+
+  original = pathlib.Path.rename
+  monkeypatch.setattr(pathlib.Path, "rename", lambda self, target: (
+      original(self, target) if self == out else killed(self, target)))
+  with pytest.raises(KeyboardInterrupt):
+    load.save_converted(out, params_of(2.0), SPEC, overwrite=True)
+  monkeypatch.undo()
+  assert not out.exists()
+  with pytest.raises(FileNotFoundError, match=r"holds a complete conversion left by an "
+                                              r"interrupted overwrite: rename it to c"):
+    load.load_converted(out)
+  notes = load.save_converted(out, params_of(3.0), SPEC)
+  assert_holds(out, 3.0)
+  assert len(notes) == 2 and not list(tmp_path.glob(".c.convert-tmp-*"))

@@ -72,14 +72,18 @@ def save_converted(out_dir: str | pathlib.Path, params: dict[str, Any], spec: Mo
   """Writes DIR/params (orbax), DIR/model.json and DIR/manifest.json; returns notes.
 
   Everything is written into `.DIR.convert-tmp-<pid>` beside DIR and swapped in
-  only when complete (one atomic exchange on Linux), so a kill at any moment
-  leaves either the old conversion or the new one; the folder a killed run left
-  is removed by the next conversion to DIR (said in the notes).
+  only when complete, with one atomic exchange (Linux), so a kill at any moment
+  leaves either the old conversion or the new one; elsewhere two renames leave
+  DIR absent for a moment (load_converted then names the folder holding it).
+  The folder a killed run left is removed by the next conversion to DIR (said
+  in the notes).
   """
   import orbax.checkpoint as ocp
 
   out = pathlib.Path(out_dir).absolute()
   notes = []
+  if out.exists() and not out.is_dir():
+    raise FileExistsError(f"{out} is a file, not a folder for a conversion")
   if (out / PARAMS_DIR).exists() or (out / SPEC_FILE).exists():
     if not overwrite:
       raise FileExistsError(f"{out} already holds a converted checkpoint (use --overwrite)")
@@ -121,9 +125,9 @@ def load_converted(ckpt_dir: str | pathlib.Path) -> tuple[dict[str, Any], ModelS
 
   d = pathlib.Path(ckpt_dir).absolute()
   if not (d / SPEC_FILE).is_file() or not (d / PARAMS_DIR).is_dir():
-    left = [p.name for p in _leftovers(d)]
-    hint = (f"; {left} beside it were left by an interrupted conversion: convert again"
-            if left else "")
+    whole = [p for p in _leftovers(d) if integrity.problem(p) is None]
+    hint = (f"; {whole[-1]} holds a complete conversion left by an interrupted overwrite: "
+            f"rename it to {d.name}, or convert again" if whole else "")
     raise FileNotFoundError(f"{d} is not a converted checkpoint (needs {SPEC_FILE} and "
                             f"{PARAMS_DIR}/); make one with python -m glare_jax.convert"
                             + hint)
