@@ -12,7 +12,8 @@ module's optional `check(config, workdir)`, e.g. that fine-tuning's init
 checkpoint fits the model) before anything is written, keeps the config in
 `DIR/config.json` (refusing to resume under an incompatible one) and runs
 `config.mode`. A failed check prints one `error:` line and exits 2
-(`train/preflight.py`).
+(`train/preflight.py`), and so does a checkpoint fault during the run (no intact
+checkpoint to resume, a failed save, a disk too small: `checkpoint.CheckpointError`).
 """
 
 from __future__ import annotations
