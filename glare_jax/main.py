@@ -75,7 +75,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Heavy imports after flag parsing: `--help` stays fast.
-  from glare_jax.train import checkpoint, distributed, preflight  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from glare_jax.train import checkpoint, distributed, preflight
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   config, workdir = _CONFIG.value, _WORKDIR.value
   distributed.initialize(config.distributed)
