@@ -59,13 +59,20 @@ class ConversionError(ValueError):
 # Reading the file.
 
 def read_torch_file(path: pathlib.Path, trust_pickle: bool = False) -> Any:
-  """torch.load with weights_only=True and a small allow-list of globals."""
+  """torch.load with weights_only=True and a small allow-list of globals.
+
+  Every failure is one ConversionError line: a global outside the allow-list
+  (a pickle that could run code: refused, never run), a text file, or a file
+  that is no (or a truncated) PyTorch checkpoint.
+  """
   try:
     import torch
   except ImportError as e:
     raise ConversionError("converting needs PyTorch: pip install 'glare-jax[convert]'") from e
   if not path.is_file():
     raise ConversionError(f"{path}: no such file")
+  if _is_text(path):
+    raise ConversionError(f"{path}: a text file, not a PyTorch checkpoint")
   if trust_pickle:
     try:
       return torch.load(path, map_location="cpu", weights_only=False)
@@ -76,17 +83,41 @@ def read_torch_file(path: pathlib.Path, trust_pickle: bool = False) -> Any:
     with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
       return torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
-    needed = re.findall(r"Unsupported global: GLOBAL (\S+)", str(e))
+    needed = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e))))
     if needed:
       raise ConversionError(
-          f"{path}: refused: the pickle needs {', '.join(sorted(set(needed)))}, which is "
-          "not on the allow-list (tensors, plain containers, argparse.Namespace). "
-          "Re-run with --trust-pickle only if you trust where the file came from.") from e
-    raise ConversionError(f"{path}: not a readable PyTorch checkpoint "
-                          f"(truncated or corrupt?): {_first_line(e)}") from e
-  except (RuntimeError, EOFError, OSError, ValueError) as e:
-    raise ConversionError(f"{path}: truncated or corrupt PyTorch checkpoint: "
-                          f"{type(e).__name__}: {_first_line(e)}") from e
+          f"{path}: refused: the file needs GLOBAL {', '.join(needed)} to load, which could "
+          "run code; only use --trust-pickle for files you trust") from e
+    raise ConversionError(f"{path}: not a PyTorch checkpoint, or a corrupt one: "
+                          f"{_unpickler_detail(e)}") from e
+  except Exception as e:  # noqa: BLE001 - torch raises many kinds on a damaged file
+    raise ConversionError(f"{path}: truncated or corrupt PyTorch checkpoint (or another kind "
+                          f"of file): {type(e).__name__}: {_first_line(e)}") from e
+
+
+def _is_text(path: pathlib.Path) -> bool:
+  """Whether the file starts as UTF-8 text (a torch file is a zip or a binary pickle)."""
+  with open(path, "rb") as f:
+    head = f.read(512)
+  if not head or b"\0" in head:
+    return False
+  try:
+    head.decode("utf-8")
+  except UnicodeDecodeError as e:
+    return e.start > len(head) - 4    # a character cut at the end of the 512 bytes
+  return True
+
+
+def _unpickler_detail(e: Exception) -> str:
+  """The unpickler's own complaint, without torch's advice about weights_only."""
+  text = str(e)
+  if "WeightsUnpickler error:" in text:
+    text = text.split("WeightsUnpickler error:", 1)[1]
+  lines = [ln.strip() for ln in text.splitlines()
+           if ln.strip() and not ln.strip().startswith(("Weights only load failed",
+                                                         "Check the documentation",
+                                                         "Please file an issue"))]
+  return (lines[0] if lines else "unreadable pickle")[:200]
 
 
 def _first_line(e: Exception) -> str:
@@ -393,6 +424,30 @@ def convert_checkpoint(path: pathlib.Path, fmt: str = "auto", which: str = "teac
   """Reads `path`; returns (params, spec, notes). Raises ConversionError on any problem
   unless `allow_missing`, in which case the problems are returned as notes."""
   ckpt = read_torch_file(path, trust_pickle)
+  _check_structure(ckpt, path)
+  try:
+    return _convert(ckpt, path, fmt, which, allow_missing)
+  except (KeyError, TypeError, AttributeError, IndexError) as e:   # a dict of odd values
+    raise ConversionError(f"{path}: not a checkpoint layout this converter reads "
+                          f"({type(e).__name__}: {_first_line(e)})") from e
+
+
+def _check_structure(ckpt: Any, path: pathlib.Path) -> None:
+  """The containers the layouts need: string-keyed dicts where a network is expected."""
+  if not isinstance(ckpt, dict):
+    raise ConversionError(f"{path}: expected a dict of tensors, got {type(ckpt).__name__}")
+  nets = {"the file": ckpt, **{repr(k): ckpt[k] for k in ("state_dict", "teacher", "student")
+                                if k in ckpt}}
+  for name, net in nets.items():
+    if not isinstance(net, dict):
+      raise ConversionError(f"{path}: {name} is a {type(net).__name__}, expected a dict of "
+                            "tensors")
+    if bad := [k for k in net if not isinstance(k, str)][:3]:
+      raise ConversionError(f"{path}: {name} has keys that are not names: {bad}")
+
+
+def _convert(ckpt: dict[str, Any], path: pathlib.Path, fmt: str, which: str,
+             allow_missing: bool):
   detected = detect_format(ckpt, path)
   fmt = detected if fmt == "auto" else fmt
   groups, unknown, left_out = split_networks(ckpt, fmt, which, path)
@@ -438,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     params, spec, notes = convert_checkpoint(args.src, args.format, args.which,
                                              args.allow_missing, args.trust_pickle)
-    load.save_converted(args.out, params, spec, overwrite=args.overwrite)
+    notes += load.save_converted(args.out, params, spec, overwrite=args.overwrite)
   except (ConversionError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -11,7 +11,9 @@ asks for it (`train/distributed.py`), checks the config and the inputs before
 anything is written (`train/preflight.py`: a bad one is one `error:` line and
 exit 2), keeps the config in `DIR/config.json` (refusing to resume under an
 incompatible one), runs `config.mode` and ends with a summary: final metrics,
-the files written and the next command.
+the files written and the next command. A checkpoint fault during the run (no
+intact checkpoint to resume, a failed save, a disk too small:
+`checkpoint.CheckpointError`) is one `error:` line and exit 2 too.
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Heavy imports after flag parsing: `--help` stays fast.
   import jax  # pylint: disable=g-import-not-at-top
-  from glare_jax.train import distributed, preflight  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from glare_jax.train import checkpoint, distributed, preflight
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   config, workdir = _CONFIG.value, _WORKDIR.value
   distributed.initialize(config.distributed)
@@ -107,7 +110,10 @@ def main(argv):
   except ValueError as e:
     raise cli.BadInput(f"{type(e).__name__}: {e}") from e
   logging.info("config: %s/config.json", workdir)
-  result = module.run(config, workdir)
+  try:
+    result = module.run(config, workdir)
+  except checkpoint.CheckpointError as e:   # no intact checkpoint, a failed save, a full disk
+    raise cli.BadInput(str(e)) from e
   if jax.process_index() == 0 and result is not None:
     print("\n".join(summary(config, workdir, result)), flush=True)
   return 0

@@ -5,6 +5,9 @@ pickles that need non-allowed globals)."""
 import argparse
 import functools
 import json
+import os
+import pickle
+import re
 
 import jax
 import numpy as np
@@ -210,7 +213,70 @@ def test_truncated_file(tmp_path, capsys):
   assert code == 2 and str(src) in err and "truncated or corrupt" in err
   src.write_bytes(b"not a checkpoint" * 10)
   code, err = run_cli(tmp_path, None, capsys=capsys)
-  assert code == 2 and str(src) in err and "corrupt" in err
+  assert code == 2 and str(src) in err and "a text file, not a PyTorch checkpoint" in err
+  assert not (tmp_path / "out").exists()
+
+
+def one_error_line(err):
+  lines = [ln for ln in err.splitlines() if ln.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: "), err
+  return lines[0]
+
+
+@pytest.mark.parametrize("content", ["garbage", "empty", "text", "zip", "half"])
+def test_files_that_are_no_checkpoint_are_one_error_line(content, tmp_path, capsys):
+  src = tmp_path / "bad.pth"
+  torch.save(tiny_flat(), src)
+  data = {"garbage": np.random.default_rng(0).bytes(3000), "empty": b"",
+          "text": "model: vit_small\nlr: 0.1\n".encode(), "zip": b"PK\x03\x04" + bytes(60),
+          "half": src.read_bytes()[:4000]}[content]
+  src.write_bytes(data)
+  code, err = run_cli(tmp_path, None, capsys=capsys)
+  line = one_error_line(err)
+  assert code == 2 and str(src) in line and "Traceback" not in err
+  assert "weights_only" not in line and "trust" not in line   # no nudge towards unpickling
+
+
+@pytest.mark.parametrize("ckpt, says", [
+    ({"teacher": "not a network"}, "'teacher' is a str, expected a dict of tensors"),
+    ({"state_dict": [1, 2]}, "'state_dict' is a list"),
+    ({0: 1, 1: 2}, "keys that are not names: [0, 1]"),
+    ({"patch_embed.proj.weight": "abc", "pos_embed": "xyz"}, "not a checkpoint layout"),
+    ({"student": {"backbone.pos_embed": 3}}, "not a checkpoint layout"),
+    ([1, 2, 3], "expected a dict of tensors, got list"),
+])
+def test_wrong_shaped_dicts_are_one_error_line(ckpt, says, tmp_path, capsys):
+  code, err = run_cli(tmp_path, ckpt, "--trust-pickle", capsys=capsys)
+  line = one_error_line(err)
+  assert code == 2 and "bad.pth" in line and says in line
+
+
+class RunsCode:
+  """A pickle whose __reduce__ would run a shell command when loaded."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_a_pickle_that_would_run_code_is_refused_not_run(zipped, tmp_path, capsys):
+  marker = tmp_path / "code_ran"
+  src = tmp_path / "bad.pth"
+  ckpt = {f"backbone.{k}": v for k, v in tiny_flat().items()}
+  ckpt = {"teacher": ckpt, "args": RunsCode(marker)}
+  if zipped:
+    torch.save(ckpt, src)
+  else:
+    with open(src, "wb") as f:             # a plain pickle (no tensors: they need torch's)
+      pickle.dump({"teacher": {}, "args": RunsCode(marker)}, f, protocol=2)
+  code, err = run_cli(tmp_path, None, capsys=capsys)
+  line = one_error_line(err)
+  assert code == 2 and not marker.exists()
+  assert re.search(r"bad\.pth: refused: the file needs GLOBAL (posix|os|nt)\.system to load, "
+                   r"which could run code; only use --trust-pickle for files you trust$", line)
   assert not (tmp_path / "out").exists()
 
 
@@ -242,7 +308,7 @@ def test_refuses_non_allowed_globals(tmp_path, capsys):
   sd = {f"backbone.{k}": v for k, v in tiny_flat().items()}
   ckpt = {"teacher": sd, "student": sd, "args": Config(lr=1.0)}
   code, err = run_cli(tmp_path, ckpt, capsys=capsys)
-  assert code == 2 and "refused" in err and "Config" in err and "--trust-pickle" in err
+  assert code == 2 and "refused: the file needs GLOBAL test_convert.Config" in err
   code, _ = run_cli(tmp_path, ckpt, "--trust-pickle", capsys=capsys)
   assert code == 0
 

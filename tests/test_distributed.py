@@ -1,10 +1,13 @@
 """jax.distributed start-up: the plan from flags / SLURM / TPU, and 2 processes = 1."""
 
+import json
+
 import ml_collections as mlc
 import numpy as np
 import pytest
 
 import tiny_trainer
+from glare_jax import integrity
 from glare_jax.train import distributed
 from glare_jax.train import logging as train_logging
 
@@ -82,5 +85,9 @@ def test_two_processes_match_one(tmp_path):
     files = sorted(p.name for p in (tmp_path / "two" / "checkpoints" / step / "data").iterdir()
                    if p.name.startswith("process_"))
     assert files == ["process_0-of-2.json", "process_1-of-2.json"]
+    # Process 0's manifest covers what both processes wrote.
+    integrity.verify(tmp_path / "two" / "checkpoints" / step)
+    listed = json.loads((tmp_path / "two" / "checkpoints" / step / "manifest.json").read_text())
+    assert {"data/process_0-of-2.json", "data/process_1-of-2.json"} <= set(listed["files"])
   # Only process 0 prints the progress.
   assert "step 6/6" in outs[0] and "step 6/6" not in outs[1]

@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 import ref_baselines as refb  # noqa: E402
 import ref_glare as ref  # noqa: E402
 
-from configs import common as cfgs  # noqa: E402
+from glare_jax.configs import common as cfgs  # noqa: E402
 from glare_jax.data import patch_aug as paug  # noqa: E402
 from glare_jax.models import build_models, init_params  # noqa: E402
 from glare_jax.objectives import build_objective  # noqa: E402

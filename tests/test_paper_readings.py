@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 import torch_vit as tv  # noqa: E402
 from test_objective_reference import compare  # noqa: E402
 
-from configs import common as cfgs  # noqa: E402
+from glare_jax.configs import common as cfgs  # noqa: E402
 from glare_jax.data import patch_aug as paug  # noqa: E402
 from glare_jax.models import build_models, init_params, load  # noqa: E402
 

@@ -154,6 +154,7 @@ def train(workdir: str, opts: Options, devices=None) -> types.SimpleNamespace:
   # --- resume or init
   with sharding.use_mesh(t.mesh), checkpoint.Checkpointer(
       workdir, every_steps=opts.checkpoint_every, keep=opts.keep) as ckpt:
+    ckpt.check_space(t.shapes)
     if ckpt.latest_step() is not None:
       state = ckpt.restore(checkpoint.abstract_state(t.shapes, t.shardings), data_iter)
     else:
@@ -164,13 +165,15 @@ def train(workdir: str, opts: Options, devices=None) -> types.SimpleNamespace:
     with logging.MetricLogger(workdir, total_steps=opts.steps, start_step=start,
                               images_per_step=opts.batch_size,
                               log_every_steps=opts.log_every,
-                              tensorboard=opts.tensorboard) as log:
+                              tensorboard=opts.tensorboard,
+                              resume_note=ckpt.intact_note) as log:
       for step in range(start + 1, opts.steps + 1):
         batch = next(data_iter)
         if step == opts.nan_at_step:
           batch = {**batch, "x": batch["x"] * np.nan}
         state, metrics = t.update(state, sharding.global_batch(batch, t.mesh))
         log.record(step, metrics)
+        ckpt.check()
         if opts.checkpoint_every and (ckpt.due(step) or step == opts.steps):
           log.flush()                       # NaN/Inf guard before saving
           ckpt.save(step, state, data_iter)
@@ -202,7 +205,11 @@ def main(argv=None):
   opts = Options(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Options)
                     if f.type in ("int", int)})
   opts.fsdp_rules = tuple(tuple(r.split("=")) for r in args.fsdp_rules.split(",") if r)
-  state = train(args.workdir, opts).state
+  try:
+    state = train(args.workdir, opts).state
+  except checkpoint.CheckpointError as e:   # as glare_jax.main: one line, exit 2
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
   if args.out and jax.process_index() == 0:
     np.savez(args.out, **flatten(state))
 

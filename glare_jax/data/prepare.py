@@ -8,13 +8,15 @@ A manual dir holds the extracted official archives, laid out as the `LAYOUT`
 of each builder in `glare_jax/data/builders/` says (running without
 --manual_dir prints it). Every file is checked before
 anything is written; a bad input stops with an error naming the path. Re-running
-on a prepared dataset does nothing. No TensorFlow is needed.
+on a prepared dataset does nothing; re-running after a killed prepare first removes
+the `incomplete.*` folder it left (and says so). No TensorFlow is needed.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import sys
 from absl import app
 from absl import flags
@@ -24,6 +26,8 @@ import tensorflow_datasets as tfds
 from glare_jax import cli
 from glare_jax.data import builders
 from glare_jax.data.builders import demo
+
+INCOMPLETE_PREFIX = "incomplete."   # tfds's prefix for a dataset folder being written
 
 _DATASET = flags.DEFINE_enum("dataset", None, sorted(builders.BUILDERS),
                              "Dataset to prepare.")
@@ -68,6 +72,7 @@ def prepare(dataset: str, data_dir: os.PathLike | str,
                        f"holding:\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
     manual_dir = os.path.expanduser(os.fspath(manual_dir))
     builder.check(manual_dir)   # every problem reported before anything is written
+  _remove_leftovers(path)
   if not sys.stderr.isatty():    # tqdm bars in a log file are noise
     tfds.disable_progress_bar()
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
@@ -75,6 +80,17 @@ def prepare(dataset: str, data_dir: os.PathLike | str,
   for split, info in builder.info.splits.items():
     logging.info("%s %s: %d records", dataset, split, info.num_examples)
   return path
+
+
+def _remove_leftovers(path: pathlib.Path) -> list[pathlib.Path]:
+  """Deletes the `incomplete.<random>_<version>` folders that a killed prepare of
+  this dataset version left beside `path` (tfds writes there, then renames)."""
+  pattern = f"{INCOMPLETE_PREFIX}*_{path.name}"
+  gone = sorted(path.parent.glob(pattern)) if path.parent.is_dir() else []
+  for old in gone:
+    logging.warning("removing %s, left by an interrupted prepare", old)
+    shutil.rmtree(old)
+  return gone
 
 
 def prepare_generated(dataset: str, data_dir: os.PathLike | str) -> None:

@@ -2,8 +2,10 @@
 
 A converted checkpoint (written by `python -m glare_jax.convert`) is a directory
 
-    DIR/params      orbax tree {'backbone', ['head'], ['cross_attention']}, float32
-    DIR/model.json  `ModelSpec`: sizes, prefix tokens, position grid, head K, source
+    DIR/params         orbax tree {'backbone', ['head'], ['cross_attention']}, float32
+    DIR/model.json     `ModelSpec`: sizes, prefix tokens, position grid, head K, source
+    DIR/manifest.json  size and hash of every file (`glare_jax.integrity`), verified
+                       by `load_converted`
 
 `merge_converted` puts such weights into a freshly initialised params dict (as
 `glare_jax.models.init_params` builds it) for pre-training, fine-tuning or
@@ -14,53 +16,124 @@ prefix tokens (UDI -> FLSL), and checks every shape before anything is used.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import math
+import os
 import pathlib
 import shutil
+import sys
 from typing import Any, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from glare_jax import integrity
 from glare_jax.models.vit import ModelSpec, ViT, resize_pos_grid
 
 PARAMS_DIR = "params"
 SPEC_FILE = "model.json"
 PARTS = ("backbone", "head", "cross_attention")
+CONTENTS = (PARAMS_DIR, SPEC_FILE, integrity.MANIFEST)   # all a conversion folder holds
 
 
 class CheckpointMismatch(ValueError):
   """Converted weights that do not fit the model; the message lists every key."""
 
 
+TMP_MARK = ".convert-tmp-"   # .<name>.convert-tmp-<pid>: a conversion being written
+_RENAME_EXCHANGE = 2         # renameat2(2) flag: swap two paths in one step (Linux)
+
+
+def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
+  """Swaps the folders `a` and `b` atomically; False where the system cannot."""
+  if not sys.platform.startswith("linux"):
+    return False
+  libc = ctypes.CDLL(None, use_errno=True)
+  if not hasattr(libc, "renameat2"):
+    return False
+  at_cwd = -100
+  if libc.renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    return True
+  err = ctypes.get_errno()
+  if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):   # kernel or filesystem lacks it
+    return False
+  raise OSError(err, os.strerror(err), f"{a} <-> {b}")
+
+
+def _leftovers(out: pathlib.Path) -> list[pathlib.Path]:
+  return sorted(out.parent.glob(f".{out.name}{TMP_MARK}*")) if out.parent.is_dir() else []
+
+
 def save_converted(out_dir: str | pathlib.Path, params: dict[str, Any], spec: ModelSpec,
-                   overwrite: bool = False) -> None:
-  """Writes DIR/params (orbax) and then DIR/model.json (written last: its
-  presence means the checkpoint is complete)."""
+                   overwrite: bool = False) -> list[str]:
+  """Writes DIR/params (orbax), DIR/model.json and DIR/manifest.json; returns notes.
+
+  Everything is written into `.DIR.convert-tmp-<pid>` beside DIR and swapped in
+  only when complete, with one atomic exchange (Linux), so a kill at any moment
+  leaves either the old conversion or the new one; elsewhere two renames leave
+  DIR absent for a moment (load_converted then names the folder holding it).
+  The folder a killed run left is removed by the next conversion to DIR (said
+  in the notes).
+  """
   import orbax.checkpoint as ocp
 
   out = pathlib.Path(out_dir).absolute()
+  notes = []
+  if out.exists() and not out.is_dir():
+    raise FileExistsError(f"{out} is a file, not a folder for a conversion")
   if (out / PARAMS_DIR).exists() or (out / SPEC_FILE).exists():
     if not overwrite:
       raise FileExistsError(f"{out} already holds a converted checkpoint (use --overwrite)")
-    shutil.rmtree(out / PARAMS_DIR, ignore_errors=True)
-    (out / SPEC_FILE).unlink(missing_ok=True)
-  out.mkdir(parents=True, exist_ok=True)
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in CONTENTS)
+  else:
+    foreign = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+  if foreign:
+    raise FileExistsError(f"{out} holds other files than a conversion ({foreign[:5]}); "
+                          "convert into a new or empty folder")
+  for old in _leftovers(out):
+    shutil.rmtree(old)
+    notes.append(f"removed {old}, left by an interrupted conversion")
+  tmp = out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp.mkdir()
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(out / PARAMS_DIR, params)
-  (out / SPEC_FILE).write_text(json.dumps(spec.to_json(), indent=2) + "\n")
+    ckptr.save(tmp / PARAMS_DIR, params)
+  (tmp / SPEC_FILE).write_text(json.dumps(spec.to_json(), indent=2) + "\n")
+  integrity.write_manifest(tmp)
+  if not out.exists():
+    tmp.rename(out)
+  elif _exchange(tmp, out):
+    shutil.rmtree(tmp)                       # now the old conversion
+  else:                                      # two renames: DIR is absent for a moment
+    old = out.with_name(f".{out.name}{TMP_MARK}old-{os.getpid()}")
+    out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old)
+  return notes
 
 
 def load_converted(ckpt_dir: str | pathlib.Path) -> tuple[dict[str, Any], ModelSpec]:
-  """(params as NumPy float32 trees, spec) of a converted checkpoint."""
+  """(params as NumPy float32 trees, spec) of a converted checkpoint.
+
+  Its manifest is verified first: integrity.Damaged (a ValueError) names the
+  file that differs from what `save_converted` wrote.
+  """
   import orbax.checkpoint as ocp
 
   d = pathlib.Path(ckpt_dir).absolute()
   if not (d / SPEC_FILE).is_file() or not (d / PARAMS_DIR).is_dir():
+    whole = [p for p in _leftovers(d) if integrity.problem(p) is None]
+    hint = (f"; {whole[-1]} holds a complete conversion left by an interrupted overwrite: "
+            f"rename it to {d.name}, or convert again" if whole else "")
     raise FileNotFoundError(f"{d} is not a converted checkpoint (needs {SPEC_FILE} and "
-                            f"{PARAMS_DIR}/); make one with python -m glare_jax.convert")
+                            f"{PARAMS_DIR}/); make one with python -m glare_jax.convert"
+                            + hint)
+  if (problem := integrity.problem(d)) is not None:
+    raise integrity.Damaged(d, f"{problem}; convert the PyTorch file again "
+                               "(python -m glare_jax.convert ... --overwrite)")
   try:
     spec = ModelSpec.from_json(json.loads((d / SPEC_FILE).read_text()))
   except (ValueError, TypeError) as e:

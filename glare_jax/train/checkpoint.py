@@ -2,9 +2,11 @@
 
     ckpt = Checkpointer(workdir, every_steps=config.checkpoint_every_steps,
                         keep=config.keep_checkpoints)
-    if ckpt.latest_step() is not None:
+    ckpt.check_space(shapes)              # refuses a disk too small for one checkpoint
+    if ckpt.latest_step() is not None:    # the newest intact step, verified
       state = ckpt.restore(abstract_state(shapes, shardings), data_iter)
     ...
+    ckpt.check()                          # every step: a failed background save stops
     if ckpt.due(step) or step == total_steps:
       ckpt.save(step, state, data_iter)
     ckpt.close()   # waits for the last (asynchronous) save
@@ -18,21 +20,32 @@ input shard where it stopped.
 Atomicity comes from orbax: a step is written to `<step>.orbax-checkpoint-tmp*`
 and renamed once every process has finished, so a crash mid-write leaves the
 previous checkpoints intact; the unfinished directory is ignored and deleted
-when the next run opens the manager.
+when the next run opens the manager. Then process 0 writes `<step>/manifest.json`
+(`glare_jax.integrity`: size and hash of every file); a step without a valid one
+is not intact. A resumed run verifies it, sets a damaged newest step aside as
+`<step>.damaged` (never deletes it) and resumes from the newest intact one.
+Failures raise CheckpointError subclasses with a one-line message
+(docs/DESIGN.md, "The training loop": Checkpoints).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
+import math
 import os
 import pathlib
+import shutil
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+
+from glare_jax import integrity
 
 
 # --- the data-iterator item ----------------------------------------------------------
@@ -78,6 +91,19 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 # --- the manager ---------------------------------------------------------------------
 
 TMP_MARK = ".orbax-checkpoint-tmp"   # orbax's suffix for a step still being written
+ASIDE_MARK = ".damaged"              # <step>.damaged[-k]: a step that failed its check
+
+
+class CheckpointError(Exception):
+  """A checkpoint problem that stops the run; the message is one line naming the path."""
+
+
+class SaveFailed(CheckpointError):
+  """A save (or its manifest) could not be written: full disk, lost mount, ..."""
+
+
+class NoIntactCheckpoint(CheckpointError):
+  """Every checkpoint of the workdir failed its check; nothing was renamed."""
 
 
 def _remove_unfinished(directory: epath.Path) -> None:
@@ -93,10 +119,22 @@ def _remove_unfinished(directory: epath.Path) -> None:
         path.rmtree()
 
 
+def _cause(e: BaseException) -> str:
+  """The first line of an exception, e.g. "[Errno 28] No space left on device: '...'"."""
+  return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
 def abstract_state(shapes: Any, shardings: Any) -> Any:
   """`jax.eval_shape` output + shardings -> restore target (ShapeDtypeStructs)."""
   return jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def state_bytes(shapes: Any) -> int:
+  """Bytes of a state's arrays: what one checkpoint needs at most (orbax compresses)."""
+  return sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize
+             for s in jax.tree.leaves(shapes) if hasattr(s, "dtype")
+             and not jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key))
 
 
 class Checkpointer:
@@ -104,7 +142,11 @@ class Checkpointer:
 
   Saves are asynchronous: `save` returns once the arrays are copied off the
   devices (so the state may be donated right after) and the files are written in
-  the background. `every_steps` <= 0 disables periodic saves (`due` is False).
+  the background. A save is finished when its `manifest.json` (content hashes,
+  `glare_jax.integrity`) is written; only then are older steps beyond `keep`
+  deleted. Call `check()` every step: it raises SaveFailed as soon as a
+  background save failed. `restore` verifies the manifest and falls back to the
+  newest intact step. `every_steps` <= 0 disables periodic saves (`due` is False).
   """
 
   def __init__(self, workdir: str | os.PathLike, *, every_steps: int, keep: int,
@@ -114,10 +156,14 @@ class Checkpointer:
       path = os.path.abspath(os.path.expanduser(path))
     self.directory = epath.Path(path) / "checkpoints"
     self.every_steps = int(every_steps)
+    self.keep = int(keep) if keep and keep > 0 else None
+    self._pending: int | None = None             # step saved, manifest not yet written
+    self._hashing: concurrent.futures.Future | None = None
+    self._hasher = concurrent.futures.ThreadPoolExecutor(1, "checkpoint_manifest")
     if jax.process_index() == 0:
       _remove_unfinished(self.directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=int(keep) if keep and keep > 0 else None,
+        max_to_keep=None,                    # old steps go once a newer one is finished
         cleanup_tmp_directories=True,        # remove what a crashed save left behind
         enable_async_checkpointing=async_save,
         create=True)
@@ -135,56 +181,184 @@ class Checkpointer:
     """True every `every_steps` steps (the loop also saves at its last step)."""
     return self.every_steps > 0 and step % self.every_steps == 0
 
+  def check_space(self, shapes: Any) -> None:
+    """Raises CheckpointError when the disk cannot hold one more checkpoint of a
+    state shaped like `shapes` (ShapeDtypeStructs); call it before training."""
+    need = state_bytes(shapes)
+    self.directory.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(os.fspath(self.directory)).free
+    if free < need:
+      raise CheckpointError(
+          f"{self.directory}: {free / 1e9:.2f} GB free, one checkpoint needs up to "
+          f"{need / 1e9:.2f} GB; free some space or use another --workdir")
+
   def save(self, step: int, state: Any, data_iter: Any = None) -> bool:
     """Saves `state` (and `data_iter.get_state()`) as `step`; False if it exists.
 
     Only save a state known to be good: check the metrics of every step since the
-    last save for NaN/Inf first (`logging.MetricLogger.flush` does).
+    last save for NaN/Inf first (`logging.MetricLogger.flush` does). Raises
+    SaveFailed when this or the previous save could not be written.
     """
+    self.wait()                              # the previous save is finished (or raises)
     if step in self._manager.all_steps():
       return False
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
       items["data"] = DataStateSave(data_iter.get_state())
-    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    try:
+      self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # noqa: BLE001 - any write failure stops the run the same way
+      raise self._failed(step, e) from e
+    self._pending = step
     logging.info("checkpoint: saving step %d to %s", step, self.directory)
     return True
 
+  def _failed(self, step: int, e: BaseException) -> SaveFailed:
+    kept = [s for s in self._manager.all_steps() if s != step]
+    return SaveFailed(
+        f"checkpoint: saving step {step} to {self.directory / str(step)} failed: {_cause(e)}; "
+        + (f"step {max(kept)} is intact" if kept else "no earlier checkpoint"))
+
+  def check(self) -> None:
+    """Non-blocking: finishes a save whose files are written (manifest, old steps
+    deleted); raises SaveFailed when it failed. Call it every step."""
+    if self._pending is None:
+      return
+    if self._hashing is None:
+      if self._manager.is_saving_in_progress():
+        return
+      self._start_manifest()
+    if self._hashing.done():
+      self._finish()
+
+  def _start_manifest(self) -> None:
+    step = self._pending
+    try:
+      self._manager.wait_until_finished()    # returns at once; raises what the save hit
+      self._manager.check_for_errors()
+    except Exception as e:  # noqa: BLE001
+      self._pending = None
+      raise self._failed(step, e) from e
+    folder = pathlib.Path(os.fspath(self.directory / str(step)))
+    if not folder.is_dir():                  # orbax logged the fault and did not finish
+      self._pending = None
+      raise self._failed(step, FileNotFoundError("the save did not finish (see the log)"))
+    if jax.process_index() == 0:
+      self._hashing = self._hasher.submit(integrity.write_manifest, folder)
+    else:
+      self._hashing = concurrent.futures.Future()
+      self._hashing.set_result(None)
+
+  def _finish(self) -> None:
+    step, hashing = self._pending, self._hashing
+    self._pending = self._hashing = None
+    try:
+      hashing.result()
+    except Exception as e:  # noqa: BLE001
+      raise self._failed(step, e) from e
+    if self.keep is not None:                # delete the oldest beyond `keep`
+      for old in self.all_steps()[:-self.keep]:
+        self._manager.delete(old)
+
+  def wait(self) -> None:
+    """Blocks until the save in flight (if any) is finished; raises SaveFailed."""
+    if self._pending is None:
+      return
+    if self._hashing is None:
+      try:
+        self._manager.wait_until_finished()
+      except Exception as e:  # noqa: BLE001
+        step, self._pending = self._pending, None
+        raise self._failed(step, e) from e
+      self._start_manifest()
+    self._finish()
+
   def restore(self, target: Any, data_iter: Any = None, step: int | None = None) -> Any:
-    """Restores `step` (default: the latest) straight into `target`'s shardings.
+    """Restores `step` (default: the newest intact one) into `target`'s shardings.
 
     `target` is a pytree of jax.ShapeDtypeStructs carrying shardings (see
     `abstract_state`); each process reads only its own shards. With `data_iter`,
-    its position is restored too (`set_state`).
+    its position is restored too (`set_state`). The step's manifest is verified
+    first; without `step`, newer steps that fail it are renamed aside
+    (`<step>.damaged`) with a one-line warning each. Raises NoIntactCheckpoint
+    (nothing renamed) when no step verifies, integrity.Damaged for a given `step`.
     """
-    step = self.latest_step() if step is None else step
+    root = pathlib.Path(os.fspath(self.directory))
     if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+      step = self._newest_intact(root)
+    else:
+      integrity.verify(root / str(step))
     items = {"state": ocp.args.StandardRestore(target)}
     if data_iter is not None:
       items["data"] = DataStateRestore()
     out = self._manager.restore(step, args=ocp.args.Composite(**items))
     if data_iter is not None:
       data_iter.set_state(out["data"])
-    logging.info("checkpoint: restored step %d from %s", step, self.directory)
+    logging.info("checkpoint: restored step %d from %s (manifest verified)", step,
+                 self.directory)
     workdir = pathlib.Path(os.fspath(self.directory)).parent
     if (pending := _PENDING_CONFIG.pop(str(workdir.resolve()), None)) is not None:
       _write_config(workdir, pending)
     return out["state"]
 
-  def wait(self) -> None:
-    """Blocks until the asynchronous save in flight (if any) is on disk."""
-    self._manager.wait_until_finished()
+  def _newest_intact(self, root: pathlib.Path) -> int:
+    step, damaged = integrity.newest_intact(root)
+    if step is None:
+      found = integrity.describe(damaged) or "none"
+      raise NoIntactCheckpoint(
+          f"{root}: no intact checkpoint to resume from ({found}); move the folder aside "
+          "(or use another --workdir) to start afresh")
+    if damaged:
+      if jax.process_index() == 0:
+        for bad, problem in damaged:
+          aside = _set_aside(root / str(bad))
+          logging.warning("checkpoint: step %d: %s; renamed to %s, resuming from step %d",
+                          bad, problem, aside.name, step)
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        multihost_utils.sync_global_devices("checkpoint: damaged steps set aside")
+      self._manager.reload()
+    return step
+
+  def intact_note(self) -> str:
+    """Where a stopped run can resume: "the newest intact checkpoint is step N (DIR)"."""
+    try:
+      self.wait()
+    except SaveFailed:
+      pass
+    step, _ = integrity.newest_intact(os.fspath(self.directory))
+    if step is None:
+      return f"there is no intact checkpoint in {self.directory}"
+    return f"the newest intact checkpoint is step {step} ({self.directory / str(step)})"
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._hasher.shutdown()
+      self._manager.close()
 
   def __enter__(self) -> Checkpointer:
     return self
 
-  def __exit__(self, *exc) -> None:
-    self.close()
+  def __exit__(self, exc_type, *_) -> None:
+    if exc_type is None:
+      self.close()
+      return
+    try:                                      # the run already stops with an error:
+      self.close()                            # do not hide it behind a second one
+    except Exception as e:  # noqa: BLE001
+      logging.warning("checkpoint: while stopping: %s", _cause(e))
+
+
+def _set_aside(folder: pathlib.Path) -> pathlib.Path:
+  """Renames a damaged step folder to `<step>.damaged` (`-2`, ... if taken)."""
+  aside, k = folder.with_name(folder.name + ASIDE_MARK), 1
+  while aside.exists():
+    k += 1
+    aside = folder.with_name(f"{folder.name}{ASIDE_MARK}-{k}")
+  folder.rename(aside)
+  return aside
 
 
 # --- the config a workdir was started with ----------------------------------------------

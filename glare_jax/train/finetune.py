@@ -257,6 +257,7 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   with sharding.use_mesh(mesh), checkpoint.Checkpointer(
       workdir, every_steps=config.checkpoint_every_steps,
       keep=config.keep_checkpoints) as ckpt:
+    ckpt.check_space(t.shapes)              # a disk too small for one checkpoint: stop now
     # --- resume, or start from the init checkpoint's backbone
     if ckpt.latest_step() is not None:
       state = ckpt.restore(checkpoint.abstract_state(t.shapes, t.shardings), data_iter)
@@ -278,11 +279,13 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     with train_logging.MetricLogger(workdir, total_steps=total_steps, start_step=start,
                                     images_per_step=config.batch_size,
                                     log_every_steps=config.log_every_steps,
-                                    tensorboard=config.tensorboard) as log:
+                                    tensorboard=config.tensorboard,
+                                    resume_note=ckpt.intact_note) as log:
       for step in range(start + 1, total_steps + 1):
         batch = sharding.global_batch(next(data_iter), mesh)
         state, metrics = t.update(state, batch)
         log.record(step, metrics)           # syncs with the device only on log steps
+        ckpt.check()                        # a failed background save stops the run here
         if ckpt.due(step) or step == total_steps:
           log.flush()                       # NonFiniteError here: the bad state is never saved
           ckpt.save(step, state, data_iter)

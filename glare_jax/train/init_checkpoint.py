@@ -34,6 +34,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
+from glare_jax import integrity
 from glare_jax.models import load
 from glare_jax.models.vit import ModelSpec, size_kwargs
 
@@ -54,13 +55,18 @@ def _is_pretrain_workdir(path: pathlib.Path) -> bool:
 
 
 def latest_step(workdir: pathlib.Path) -> int:
-  """The newest finished checkpoint step of a run (unfinished saves are ignored)."""
-  root = workdir / "checkpoints"
-  steps = [int(p.name) for p in root.iterdir() if p.name.isdigit()
-           and (p / "state").is_dir()] if root.is_dir() else []
-  if not steps:
+  """The newest intact checkpoint step of a run: its manifest verifies
+  (`glare_jax.integrity`); newer unfinished or damaged steps are skipped with a
+  warning, and integrity.Damaged lists them when none is intact."""
+  root = pathlib.Path(workdir) / "checkpoints"
+  step, damaged = integrity.newest_intact(root)
+  if step is None and not damaged:
     raise FileNotFoundError(f"{root} holds no finished checkpoint (no <step>/state)")
-  return max(steps)
+  if step is None:
+    raise integrity.Damaged(root, f"no intact checkpoint ({integrity.describe(damaged)})")
+  for bad, problem in damaged:
+    logging.warning("%s: skipped step %d: %s; reading step %d", root, bad, problem, step)
+  return step
 
 
 def pretrain_spec(model: dict[str, Any], which: str) -> ModelSpec:

@@ -32,7 +32,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any, Mapping, TextIO
+from typing import Any, Callable, Mapping, TextIO
 
 import jax
 import numpy as np
@@ -74,8 +74,9 @@ class MetricLogger:
 
   def __init__(self, workdir: str | os.PathLike, *, total_steps: int, start_step: int = 0,
                images_per_step: int, log_every_steps: int, tensorboard: bool = True,
-               stream: TextIO | None = None):
+               stream: TextIO | None = None, resume_note: Callable[[], str] | None = None):
     self.workdir = pathlib.Path(workdir)
+    self.resume_note = resume_note   # e.g. Checkpointer.intact_note, for the NaN message
     self.total_steps = int(total_steps)
     self.images_per_step = int(images_per_step)
     self.log_every_steps = max(int(log_every_steps), 1)
@@ -138,8 +139,8 @@ class MetricLogger:
         terms = ", ".join(f"{k}={values[k]}" for k in bad)
         raise NonFiniteError(
             f"non-finite metrics at step {step}: {terms}. Stopping; no checkpoint of "
-            f"step {step} or later is written, the last good one stays in "
-            f"{self.workdir / 'checkpoints'}")
+            f"step {step} or later is written"
+            + (f"; {self.resume_note()}" if self.resume_note else ""))
       if self.is_log_step(step):
         self._write(step, values)
 
