@@ -29,4 +29,11 @@ def get_config(arg: str | None = None):
   # 1.5e-4 at batch 512 (4.7e-6 at 16) lets the adapters and head move in 160 steps.
   c.optim.base_lr = 1e-3
   c.optim.base_batch = 16
+  # The dense linear probe (probe/mIoU in metrics.jsonl) at step 0 and every 2 epochs,
+  # on every demo image at full size.
+  c.probe.every_epochs = 2
+  c.probe.image_size = 256
+  c.probe.max_train_images = 256
+  c.probe.max_val_images = 64
+  c.probe.batch_size = 32
   return c

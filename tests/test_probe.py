@@ -1,14 +1,25 @@
 """The dense linear probe against an independent NumPy fit and NumPy scoring."""
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 import pytest
 
+from configs import common as config_lib
+from glare_jax import probe as probe_command
+from glare_jax.data import prepare
 from glare_jax.evaluation import probe as probe_lib
-from glare_jax.models.vit import ViT
-from glare_jax.train import sharding
+from glare_jax.models import build_models, init_params
+from glare_jax.models import load as load_lib
+from glare_jax.models.vit import ModelSpec, ViT
+from glare_jax.train import logging as train_logging, pretrain, sharding
 
 PATCH, SIZE, CLASSES, DIM = 8, 32, 3, 6
 IGNORE = 255
@@ -172,3 +183,97 @@ def test_resize_pair_keeps_label_ids():
   out_image, out_label = probe_lib.resize_pair(image, label, 16)
   assert out_image.shape == (16, 16, 3) and out_label.shape == (16, 16)
   assert set(np.unique(out_label)) <= {0, 4, IGNORE}
+
+
+# ----------------------------------------------------------------------------
+# In pre-training, and the command.
+# ----------------------------------------------------------------------------
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_probe_config(data_dir):
+  """configs/demo.py's pipeline, shrunk: 32 px globals, the probe at 32 px every epoch."""
+  c = config_lib.pretrain_config("demo", "tiny")
+  c.crops.global_size, c.crops.local_size, c.crops.num_local = 32, 16, 2
+  c.model.pos_grid = 2
+  c.batch_size, c.num_epochs, c.tensorboard = 8, 2, False
+  c.data_dir = str(data_dir)
+  c.probe.every_epochs, c.probe.image_size, c.probe.batch_size = 1, 32, 8
+  return c
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("tfds")
+  prepare.prepare("demo", data_dir, num_train=16, num_validation=4, image_size=48)
+  return data_dir
+
+
+@pytest.mark.slow
+def test_pretraining_logs_the_probe_at_step_0_and_every_epoch(tmp_path, demo_data):
+  config = tiny_probe_config(demo_data)
+  pretrain.run(config, str(tmp_path / "run"))
+  records = train_logging.read_metrics(tmp_path / "run" / "metrics.jsonl")
+  probed = {r["step"]: r for r in records if "probe/mIoU" in r}
+  assert sorted(probed) == [0, 2, 4]                   # 16 records / batch 8: 2 steps an epoch
+  for r in probed.values():
+    assert set(r) == {"step", "probe/mIoU", "probe/aAcc", "probe/mAcc"}
+    assert 0 < r["probe/mIoU"] <= 100
+  assert any("loss/glob" in r for r in records)
+
+
+def converted_checkpoint(path, config):
+  """The backbone of fresh params of `config`'s model, adapters left out, as a
+  converted checkpoint; returns that backbone."""
+  params = jax.device_get(init_params(build_models(config), jax.random.key(5), config))
+  backbone = {k: ({n: v for n, v in b.items() if n != "adapter"} if k.startswith("block_")
+                  else b) for k, b in params["backbone"].items()}
+  width = backbone["norm"]["scale"].shape[0]
+  spec = ModelSpec(variant=config.model.variant, num_prefix=config.model.num_prefix,
+                   pos_grid=config.model.pos_grid, width=width, depth=2,
+                   num_heads=config.cross_attention.num_heads,
+                   mlp_dim=backbone["block_0"]["mlp"]["fc1"]["kernel"].shape[1])
+  load_lib.save_converted(path, {"backbone": backbone}, spec)
+  return params["backbone"]
+
+
+def test_a_converted_checkpoint_scores_as_its_weights_with_identity_adapters(tmp_path,
+                                                                             demo_data):
+  config = tiny_probe_config(demo_data)
+  backbone = converted_checkpoint(tmp_path / "converted", config)
+  metrics, about = probe_command.score(config, str(tmp_path / "converted"), "teacher")
+  assert not about["adapters"]
+  # The same weights in the config's ViT, whose adapters start as the identity
+  # (zero up-projection): the same features, so the same scores.
+  for block in (k for k in backbone if k.startswith("block_")):
+    assert not np.any(backbone[block]["adapter"]["up"]["kernel"])
+  mesh = sharding.make_mesh(config.mesh)
+  with sharding.use_mesh(mesh):
+    want = probe_lib.Probe.from_config(config, mesh).run(backbone)
+  for k in ("mIoU", "aAcc", "mAcc"):
+    assert metrics[k] == pytest.approx(want[k], abs=1e-3), k
+
+
+@pytest.mark.slow
+def test_probe_command_writes_probe_json_and_one_line(tmp_path, demo_data):
+  config = tiny_probe_config(demo_data)
+  converted_checkpoint(tmp_path / "converted", config)
+  args = [sys.executable, "-m", "glare_jax.probe", "--config=configs/demo.py:tiny",
+          f"--config.data_dir={demo_data}", "--config.probe.image_size=32",
+          "--config.model.pos_grid=2", "--config.crops.global_size=32"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run(args + [f"--checkpoint={tmp_path / 'converted'}"], cwd=REPO, env=env,
+                       capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("probe mIoU"), out.stdout
+  written = json.loads((tmp_path / "converted" / "probe.json").read_text())
+  assert written["dataset"] == "demo" and written["mIoU"] is not None
+  assert set(written["per_class"]) == {"grass", "water", "sand", "forest", "road"}
+
+  bad = subprocess.run(args + [f"--checkpoint={tmp_path / 'nothing'}"], cwd=REPO, env=env,
+                       capture_output=True, text=True)
+  assert bad.returncode == 2
+  assert bad.stderr.strip().splitlines()[-1].startswith("error:")
+  assert str(tmp_path / "nothing") in bad.stderr

@@ -171,12 +171,14 @@ class Probe:
     self._confusion = jax.jit(confusion, out_shardings=replicated)
 
   @classmethod
-  def from_config(cls, config: mlc.ConfigDict, mesh: jax.sharding.Mesh) -> "Probe":
-    """The probe of a pre-training config (`config.probe`, `config.model`, `config.crops`)."""
+  def from_config(cls, config: mlc.ConfigDict, mesh: jax.sharding.Mesh,
+                  vit: Any = None) -> "Probe":
+    """The probe of a pre-training config (`config.probe`, `config.crops`) on `vit`
+    (default: the ViT of `config.model`)."""
     from glare_jax.models import vit_from_config  # pylint: disable=g-import-not-at-top
     p = config.probe
     info = datasets.get_info(config.dataset)
-    vit = vit_from_config(config.model, drop_path=0.0)
+    vit = vit or vit_from_config(config.model, drop_path=0.0)
     return cls(backbone_features(vit, p.feature_blocks),
                load_split(config, p.train_split, p.max_train_images),
                load_split(config, p.val_split, p.max_val_images),
