@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import pathlib
 import sys
-from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -36,49 +35,18 @@ _OUT = flags.DEFINE_string("out", None, "Where probe.json goes (default: CHECKPO
 flags.mark_flags_as_required(["config", "checkpoint"])
 
 
-def score(config, checkpoint: str, which: str) -> tuple[dict[str, Any], dict[str, Any]]:
-  """(compute_metrics' dict, a description of what was probed) of `checkpoint`."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from glare_jax.data import prepare  # pylint: disable=g-import-not-at-top
-  from glare_jax.evaluation import probe as probe_lib  # pylint: disable=g-import-not-at-top
-  from glare_jax.models import vit_from_config  # pylint: disable=g-import-not-at-top
-  from glare_jax.train import init_checkpoint, sharding  # pylint: disable=g-import-not-at-top
-
-  prepare.prepare_generated(config.dataset, config.data_dir)
-  backbone, spec = init_checkpoint.read_backbone(checkpoint, which)
-  has_adapters = any("adapter" in k for block in backbone.values()
-                     if isinstance(block, dict) for k in block)
-  mode = config.model.adapter_mode if has_adapters else "none"
-  vit = vit_from_config(config.model, drop_path=0.0, adapter_mode=mode)
-  size = config.probe.image_size
-  shapes = jax.eval_shape(vit.init, jax.random.key(0),
-                          jnp.zeros((1, size, size, 3), jnp.float32))["params"]
-  params = init_checkpoint.fit_backbone(shapes, backbone, spec,
-                                        pos_resize=config.model.pos_resize, path=checkpoint)
-  mesh = sharding.make_mesh(config.mesh)
-  p = config.probe
-  probe = probe_lib.Probe.from_config(config, mesh, vit)
-  with sharding.use_mesh(mesh):
-    metrics = probe.run(jax.device_put(params, sharding.replicated(mesh)))
-  about = dict(checkpoint=str(checkpoint), which=which, adapters=has_adapters,
-               dataset=config.dataset, split=p.val_split,
-               train_images=len(probe.train.images), val_images=len(probe.val.images),
-               image_size=size, feature_blocks=list(p.feature_blocks), ridge=p.ridge)
-  return metrics, about
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from glare_jax.data import datasets  # pylint: disable=g-import-not-at-top
   from glare_jax.evaluation import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  from glare_jax.evaluation.probe import score_checkpoint  # pylint: disable=g-import-not-at-top
   from glare_jax.models.load import CheckpointMismatch  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   which = _WHICH.value or config.probe.which
   checkpoint = pathlib.Path(_CHECKPOINT.value).expanduser()
   try:
-    metrics, about = score(config, str(checkpoint), which)
+    metrics, about = score_checkpoint(config, str(checkpoint), which)
   except (FileNotFoundError, CheckpointMismatch, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

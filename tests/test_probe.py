@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from configs import common as config_lib
-from glare_jax import probe as probe_command
 from glare_jax.data import prepare
 from glare_jax.evaluation import probe as probe_lib
 from glare_jax.models import build_models, init_params
@@ -242,7 +241,7 @@ def test_a_converted_checkpoint_scores_as_its_weights_with_identity_adapters(tmp
                                                                              demo_data):
   config = tiny_probe_config(demo_data)
   backbone = converted_checkpoint(tmp_path / "converted", config)
-  metrics, about = probe_command.score(config, str(tmp_path / "converted"), "teacher")
+  metrics, about = probe_lib.score_checkpoint(config, str(tmp_path / "converted"), "teacher")
   assert not about["adapters"]
   # The same weights in the config's ViT, whose adapters start as the identity
   # (zero up-projection): the same features, so the same scores.

@@ -226,6 +226,36 @@ class Probe:
     return self.score(params, w, b).metrics()
 
 
+def score_checkpoint(config: mlc.ConfigDict, checkpoint: str, which: str = "teacher"
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(compute_metrics' dict, what was probed) of a converted checkpoint or a
+  pre-training workdir, with `config.probe` on `config.dataset` and `config.model`
+  (adapters included; a checkpoint without adapters is probed without them)."""
+  from glare_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  from glare_jax.models import vit_from_config  # pylint: disable=g-import-not-at-top
+  from glare_jax.train import init_checkpoint, sharding  # pylint: disable=g-import-not-at-top
+  prepare.prepare_generated(config.dataset, config.data_dir)
+  backbone, spec = init_checkpoint.read_backbone(checkpoint, which)
+  has_adapters = any("adapter" in block for block in backbone.values()
+                     if isinstance(block, dict))
+  vit = vit_from_config(config.model, drop_path=0.0,
+                        adapter_mode=config.model.adapter_mode if has_adapters else "none")
+  p = config.probe
+  shapes = jax.eval_shape(vit.init, jax.random.key(0),
+                          jnp.zeros((1, p.image_size, p.image_size, 3), jnp.float32))["params"]
+  params = init_checkpoint.fit_backbone(shapes, backbone, spec,
+                                        pos_resize=config.model.pos_resize, path=checkpoint)
+  mesh = sharding.make_mesh(config.mesh)
+  probe = Probe.from_config(config, mesh, vit)
+  with sharding.use_mesh(mesh):
+    metrics = probe.run(jax.device_put(params, sharding.replicated(mesh)))
+  about = dict(checkpoint=str(checkpoint), which=which, adapters=has_adapters,
+               dataset=config.dataset, split=p.val_split, train_images=len(probe.train.images),
+               val_images=len(probe.val.images), image_size=p.image_size,
+               feature_blocks=list(p.feature_blocks), ridge=p.ridge)
+  return metrics, about
+
+
 def summary(metrics: dict[str, Any], prefix: str = "probe/") -> dict[str, float]:
   """{'probe/mIoU', 'probe/aAcc', 'probe/mAcc'}: the scalars a run logs."""
   return {f"{prefix}{k}": float(metrics[k]) for k in ("mIoU", "aAcc", "mAcc")}
