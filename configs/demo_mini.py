@@ -35,7 +35,7 @@ def get_config(arg: str | None = None):
   source = a.stage == "source"
   c = demo.get_config(f"objective={'udi' if source else a.objective},levels={a.levels}")
   c.tensorboard = False
-  c.probe.max_val_images = 64
+  c.probe.every_epochs = 5
   if source:
     c.dataset = "demo_source"
     c.model.adapter_mode = "none"       # a plain ViT, as UDI's
@@ -43,10 +43,8 @@ def get_config(arg: str | None = None):
     c.optim.warmup_epochs = 5
     c.loss.warmup_teacher_temp_epochs = 10
     c.num_epochs = 40
-    c.probe.every_epochs = 5
   else:
     c.num_epochs = 10
-    c.probe.every_epochs = 5
   if a.quick:
     c.num_epochs = 2
     c.probe.every_epochs = 1
