@@ -33,8 +33,9 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # configs/ and glare_jax/ from this checkout
 
-# Row key -> (label, objective, GLARE levels); 'source' has no continual step.
+# Row key -> (label, objective, GLARE levels); 'random' and 'source' have no continual step.
 ROWS = {
+    "random": ("random init (no pre-training)", None, None),
     "source": ("UDI (source model, no continual step)", None, None),
     "udi": ("UDI -> UDI", "udi", "all"),
     "glare": ("UDI -> GLARE (all levels)", "glare", "all"),
@@ -83,11 +84,12 @@ def source_model(workdir: pathlib.Path, data_dir: str) -> pathlib.Path:
   return out
 
 
-def fine_tune(init: pathlib.Path, seed: int, workdir: pathlib.Path, data_dir: str,
+def fine_tune(init: pathlib.Path | None, seed: int, workdir: pathlib.Path, data_dir: str,
               adapters: bool) -> float:
-  """The FPN fine-tune's final validation mIoU (skipped when already finished)."""
+  """The FPN fine-tune's final validation mIoU (skipped when already finished);
+  init None: from a random backbone."""
   c = _config("stage=seg", data_dir)
-  c.seed, c.init_checkpoint = seed, str(init)
+  c.seed, c.init_checkpoint = seed, str(init or "")
   if not adapters:
     c.model.adapter_mode = "none"
   done = workdir / "eval.json"
@@ -105,6 +107,11 @@ def row_results(key: str, source: pathlib.Path, workdir: pathlib.Path, seeds: in
   out = {"probe": [], "finetune": []}
   for seed in range(seeds):
     run_dir = workdir / key / f"seed_{seed}"
+    if key == "random":          # a freshly initialised ViT of the source's architecture
+      config = _config("stage=continual", data_dir)
+      out["probe"].append(_probe_random(config, seed)["mIoU"])
+      out["finetune"].append(fine_tune(None, seed, run_dir / "seg", data_dir, False))
+      continue
     if objective is None:        # the source model itself: the probe is deterministic
       if not out["probe"]:
         config = _config("stage=continual", data_dir)
@@ -113,13 +120,40 @@ def row_results(key: str, source: pathlib.Path, workdir: pathlib.Path, seeds: in
       continue
     c = _config(f"objective={objective},levels={levels}", data_dir)
     c.seed, c.init_checkpoint = seed, str(source)
-    _run("pretrain", c, run_dir / "pretrain")
-    probed = [r for r in train_logging.read_metrics(run_dir / "pretrain" / "metrics.jsonl")
-              if "probe/mIoU" in r]
+    metrics = run_dir / "pretrain" / "metrics.jsonl"
+    probed = [r for r in train_logging.read_metrics(metrics) if "probe/mIoU" in r]
+    if not probed or probed[-1]["step"] != _last_checkpoint(run_dir / "pretrain"):
+      _run("pretrain", c, run_dir / "pretrain")
+      probed = [r for r in train_logging.read_metrics(metrics) if "probe/mIoU" in r]
     out["probe"].append(probed[-1]["probe/mIoU"])
     out["finetune"].append(fine_tune(run_dir / "pretrain", seed, run_dir / "seg", data_dir,
                                      True))
   return out
+
+
+def _last_checkpoint(workdir: pathlib.Path) -> int | None:
+  from glare_jax.train import init_checkpoint  # pylint: disable=g-import-not-at-top
+  try:
+    return init_checkpoint.latest_step(workdir)
+  except FileNotFoundError:
+    return None
+
+
+def _probe_random(config, seed: int) -> dict:
+  """The probe of a ViT initialised with `seed` (no adapters, as the source model)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from glare_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  from glare_jax.evaluation import probe as probe_lib  # pylint: disable=g-import-not-at-top
+  from glare_jax.models import vit_from_config  # pylint: disable=g-import-not-at-top
+  from glare_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  prepare.prepare_generated(config.dataset, config.data_dir)
+  vit = vit_from_config(config.model, drop_path=0.0, adapter_mode="none")
+  size = config.probe.image_size
+  params = vit.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)))["params"]
+  mesh = sharding.make_mesh(config.mesh)
+  with sharding.use_mesh(mesh):
+    return probe_lib.Probe.from_config(config, mesh, vit).run(params)
 
 
 def _mean_std(values: list[float]) -> str:
@@ -134,11 +168,13 @@ def table(results: dict[str, dict[str, list[float]]], seeds: int) -> str:
   lines = ["| row | probe mIoU | Δ probe vs source | FPN fine-tune mIoU |",
            "|---|---|---|---|"]
   for key, r in results.items():
-    delta = "" if base is None or key == "source" else f"{np.mean(r['probe']) - base:+.2f}"
+    delta = ("" if base is None or key == "source"
+             else f"{np.mean(r['probe']) - base:+.2f}")
     lines.append(f"| {ROWS[key][0]} | {_mean_std(r['probe'])} | {delta} | "
                  f"{_mean_std(r['finetune'])} |")
   lines.append(f"\nmean ± std over {seeds} seeds (std over seeds, ddof 0); the source "
-               "model's probe is deterministic (one value).")
+               "model's probe is deterministic (one value). Seeds: the continual step's "
+               "and the fine-tune's (random init: the initialisation's).")
   return "\n".join(lines)
 
 
