@@ -14,7 +14,8 @@ GLARE terms logged every 5 steps, checkpoints in the workdir; re-running the com
 resumes. The backbone is random, so the terms stay near log(256) (this config checks
 the machinery, not the method); fine-tune on it with configs/demo_seg.py. The dense
 linear probe (probe/mIoU in metrics.jsonl) runs at step 0 and every 2 epochs: about
-69 mIoU from the random backbone, and it stays there (README.md, "A miniature Table 1").
+69 mIoU from the random backbone, unchanged after a 2-epoch run (README.md, "A miniature
+Table 1" explains why).
 """
 
 from configs import common
