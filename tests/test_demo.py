@@ -70,3 +70,33 @@ def test_prepared_demo_holds_the_generated_examples(tmp_path):
       image, label = demo.example(7, split, index, 32)
       np.testing.assert_array_equal(common.decode_image(raw["image"]), image)
       np.testing.assert_array_equal(common.decode_label(raw["label"]), label)
+
+
+def test_source_domain_is_deterministic_and_differs_from_the_target():
+  from glare_jax.data.builders import demo_source
+  image, label = demo_source.example(0, "train", 3, SIZE)
+  again = demo_source.example(0, "train", 3, SIZE)
+  np.testing.assert_array_equal(image, again[0])
+  np.testing.assert_array_equal(label, again[1])
+  assert not np.array_equal(image, demo.example(0, "train", 3, SIZE)[0])
+  labels = np.stack([demo_source.example(0, "train", i, SIZE)[1] for i in range(24)])
+  assert set(np.unique(labels)) == set(range(len(datasets.DEMO_CLASSES)))
+
+  # Palettes differ: the target's nearest-class-colour rule fails on the source.
+  target = [_block_means(*demo.example(0, "train", i, SIZE)) for i in range(24)]
+  colours = np.concatenate([c for c, _ in target])
+  classes = np.concatenate([k for _, k in target])
+  centres = np.stack([colours[classes == k].mean(0) for k in range(len(datasets.DEMO_CLASSES))])
+  hits = []
+  for i in range(8):
+    cells, truth = _block_means(*demo_source.example(0, "validation", i, SIZE))
+    guess = np.argmin(((cells[:, None] - centres[None]) ** 2).sum(-1), axis=1)
+    hits.append(guess == truth)
+  assert np.mean(np.concatenate(hits)) < 0.5
+
+
+def test_source_domain_prepares_as_its_own_dataset(tmp_path):
+  path = prepare.prepare("demo_source", tmp_path, num_train=3, num_validation=2, image_size=32)
+  assert path.parent.name == "demo_source"
+  source = pipeline.open_split("demo_source", tmp_path, "validation")
+  assert len(source) == 2

@@ -39,9 +39,12 @@ def test_demo_pretraining_then_fine_tuning_then_figure(tmp_path):
        f"--config.data_dir={data_dir}", "--config.num_epochs=1",
        "--config.tensorboard=False"], cache)
   logged = train_logging.read_metrics(pre / "metrics.jsonl")
-  assert logged[-1]["step"] == 2                        # 32 records / batch 16
+  trained = [r for r in logged if "loss" in r]
+  assert trained[-1]["step"] == 2                       # 32 records / batch 16
   for term in ("loss/glob", "loss/reg", "loss/loc1", "loss/loc2"):
-    assert term in logged[-1]
+    assert term in trained[-1]
+  # the dense linear probe at step 0 (the starting backbone) and at the end
+  assert [r["step"] for r in logged if "probe/mIoU" in r] == [0, 2]
   assert (pre / "checkpoints" / "2").is_dir()
 
   # 2. fine-tuning of that run's teacher (configs/demo_seg.py, the `tiny` length).

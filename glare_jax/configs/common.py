@@ -9,6 +9,10 @@ speed switch on, see `apply_fast` and BENCHMARKS.md).
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+import types
+
 import ml_collections as mlc
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -70,6 +74,15 @@ REGION_SAMPLINGS = {
     "random6": ("random", 6),
     "attention6": ("attention", 6),
 }
+
+
+def sibling(this_file: str, name: str) -> types.ModuleType:
+  """The config file `name`.py beside `this_file`, loaded by path (no `configs` package)."""
+  path = pathlib.Path(this_file).resolve().parent / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"_glare_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def parse_arg(arg: str | None, **defaults):
@@ -264,6 +277,24 @@ def optim_config() -> mlc.ConfigDict:
   ))
 
 
+def probe_config() -> mlc.ConfigDict:
+  """The dense linear probe run during pre-training (glare_jax/evaluation/probe.py)."""
+  return mlc.ConfigDict(dict(
+      every_epochs=10,              # at step 0, every this many epochs and at the end; 0: off
+                                    # (a dataset without labels must set 0)
+      which="teacher",              # backbone probed: 'teacher' (EMA) or 'student'
+      image_size=512,               # images and labels resized to this square
+      max_train_images=500,         # the first N records of train_split fit the classifier
+      max_val_images=500,           # the first N records of val_split score it (0: all)
+      batch_size=32,                # global batch of the feature pass
+      feature_blocks=(),            # (): final-norm patch tokens; (2, 5, 8, 11): the FPN's
+                                    # block outputs, concatenated
+      ridge=1e-3,                   # ridge strength, relative to the mean feature variance
+      train_split="train",
+      val_split="validation",
+  ))
+
+
 def pretrain_config(dataset: str, arg: str | None = None) -> mlc.ConfigDict:
   """The full pre-training config with the paper's defaults for `dataset`."""
   a = parse_arg(arg, tiny=False, fast=False, objective="glare", levels="all",
@@ -302,6 +333,7 @@ def pretrain_config(dataset: str, arg: str | None = None) -> mlc.ConfigDict:
   c.udi = udi_config()
   c.flsl = flsl_config()
   c.optim = optim_config()
+  c.probe = probe_config()
 
   c.init_checkpoint = ""          # a converted checkpoint (python -m glare_jax.convert)
   # Parts taken from init_checkpoint when it has them (glare_jax/models/load.py). UDI's
@@ -394,3 +426,8 @@ def apply_tiny(c: mlc.ConfigDict) -> None:
   c.loss.warmup_teacher_temp_epochs = 1
   c.checkpoint_every_steps = 5
   c.log_every_steps = 1
+  c.probe.every_epochs = 0          # off in smoke runs; --config.probe.every_epochs=1 tries it
+  c.probe.image_size = 64
+  c.probe.max_train_images = 16
+  c.probe.max_val_images = 16
+  c.probe.batch_size = 8

@@ -78,6 +78,8 @@ _INFOS = {
     "pascal_context": DatasetInfo("pascal_context", PASCAL_CONTEXT_CLASSES, False,
                                   (2048, 512), (2048, 512)),
     "demo": DatasetInfo("demo", DEMO_CLASSES, False, (256, 256), (256, 256)),
+    # Its source domain: the same classes drawn differently (builders/demo_source.py).
+    "demo_source": DatasetInfo("demo_source", DEMO_CLASSES, False, (256, 256), (256, 256)),
 }
 
 

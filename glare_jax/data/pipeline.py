@@ -96,7 +96,7 @@ def open_split(dataset: str, data_dir: os.PathLike | str, split: str
   from glare_jax.data import builders  # pylint: disable=g-import-not-at-top
   builder = builders.get_builder(dataset, data_dir)
   if not builder.is_prepared():
-    manual = "" if dataset == "demo" else " --manual_dir=PATH"
+    manual = "" if dataset.startswith("demo") else " --manual_dir=PATH"
     raise FileNotFoundError(
         f"dataset {dataset!r} is not prepared in {builder.data_dir}; run:\n"
         f"  python -m glare_jax.data.prepare --dataset={dataset}{manual} "

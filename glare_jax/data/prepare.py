@@ -28,6 +28,8 @@ from glare_jax.data import builders
 from glare_jax.data.builders import demo
 
 INCOMPLETE_PREFIX = "incomplete."   # tfds's prefix for a dataset folder being written
+# Datasets the program generates (no download; sized by the demo_* flags).
+GENERATED = ("demo", "demo_source")
 
 _DATASET = flags.DEFINE_enum("dataset", None, sorted(builders.BUILDERS),
                              "Dataset to prepare.")
@@ -49,24 +51,24 @@ def prepare(dataset: str, data_dir: os.PathLike | str,
             ) -> pathlib.Path:
   """Prepares `dataset` under `data_dir` unless it is there; returns its folder.
 
-  `demo_kwargs` (num_train, num_validation, image_size, seed) size the demo.
+  `demo_kwargs` (num_train, num_validation, image_size, seed) size a generated dataset.
   """
-  if dataset == "demo":
+  if dataset in GENERATED:
     if manual_dir:
-      raise ValueError("--dataset=demo is generated; it takes no --manual_dir")
+      raise ValueError(f"--dataset={dataset} is generated; it takes no --manual_dir")
     builder = builders.get_builder(dataset, data_dir, **demo_kwargs)
   else:
     if demo_kwargs:
-      raise ValueError(f"{sorted(demo_kwargs)} only apply to --dataset=demo")
+      raise ValueError(f"{sorted(demo_kwargs)} only apply to the generated {GENERATED}")
     builder = builders.get_builder(dataset, data_dir)
   path = pathlib.Path(builder.data_dir)
   if builder.is_prepared():
     logging.log_first_n(logging.INFO, "%s is already prepared in %s; nothing to do.", 1,
                         dataset, path)   # once: a run asks again after its check
-    if dataset == "demo":
+    if dataset in GENERATED:
       _warn_if_resized(builder, demo_kwargs)
     return path
-  if dataset != "demo":
+  if dataset not in GENERATED:
     if not manual_dir:
       raise ValueError(f"--dataset={dataset} needs --manual_dir, a folder "
                        f"holding:\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
@@ -94,10 +96,10 @@ def _remove_leftovers(path: pathlib.Path) -> list[pathlib.Path]:
 
 
 def prepare_generated(dataset: str, data_dir: os.PathLike | str) -> None:
-  """A generated dataset (the demo) is written on first use, so the README's first
-  command needs no setup: process 0 writes it while the others wait. Datasets made
-  from archives are left to `python -m glare_jax.data.prepare`."""
-  if dataset != "demo":
+  """A generated dataset (the demo, its source domain) is written on first use, so the
+  README's first command needs no setup: process 0 writes it while the others wait.
+  Datasets made from archives are left to `python -m glare_jax.data.prepare`."""
+  if dataset not in GENERATED:
     return
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
@@ -121,7 +123,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   demo_kwargs = {}
-  if _DATASET.value == "demo":
+  if _DATASET.value in GENERATED:
     demo_kwargs = dict(num_train=_DEMO_NUM_TRAIN.value,
                        num_validation=_DEMO_NUM_VALIDATION.value,
                        image_size=_DEMO_IMAGE_SIZE.value, seed=_DEMO_SEED.value)

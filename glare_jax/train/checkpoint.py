@@ -367,11 +367,12 @@ def _set_aside(folder: pathlib.Path) -> pathlib.Path:
 # run executes, not what it computes. `init_checkpoint` and `init_which` are only
 # read by a fresh start (a resumed run takes its state from its own checkpoints);
 # fine-tuning's `eval` settings only change the evaluations, which a resumed run
-# repeats; `num_seeds` only says how many seed runs the multi-seed program starts.
+# repeats; `num_seeds` only says how many seed runs the multi-seed program starts;
+# pre-training's `probe` only changes its evaluations.
 RESUMABLE_CHANGES = ("data_dir", "num_workers", "prefetch", "log_every_steps",
                      "checkpoint_every_steps", "keep_checkpoints", "tensorboard", "mesh",
                      "distributed", "init_checkpoint", "init_which", "eval", "num_seeds",
-                     "data_cache")
+                     "data_cache", "probe")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -184,6 +184,24 @@ class MetricLogger:
       self.stream.write(f"{line}\n")
     self.stream.flush()
 
+  def write_scalars(self, step: int, values: Mapping[str, float], label: str = "") -> None:
+    """An evaluation's scalars of `step` (e.g. probe/mIoU), written at once as their own
+    metrics.jsonl record, TensorBoard scalars and one printed line."""
+    if not self.writes:
+      return
+    values = {k: float(v) for k, v in values.items()}
+    self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
+    if self._tb is not None:
+      for k, v in values.items():
+        self._tb.add_scalar(k, v, int(step))
+      self._tb.flush()
+    if self._line_open:
+      self.stream.write("\n")
+      self._line_open = False
+    terms = " ".join(f"{k} {_fmt_value(v)}" for k, v in values.items())
+    self.stream.write(f"{label or 'evaluation'} at step {step}/{self.total_steps} | {terms}\n")
+    self.stream.flush()
+
   def close(self) -> None:
     if self._line_open:        # end the progress line before anything else prints
       self.stream.write("\n")

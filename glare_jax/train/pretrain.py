@@ -31,11 +31,12 @@ import numpy as np
 import optax
 
 from glare_jax.data import device_cache, multicrop
+from glare_jax.evaluation import probe as probe_lib
 from glare_jax.models import Models, build_models, init_params
 from glare_jax.models import load as load_lib
 from glare_jax.objectives import build_objective
 from glare_jax.objectives.common import ema_momentum, ema_update
-from glare_jax.train import checkpoint, logging as metric_logging, optim, sharding
+from glare_jax.train import checkpoint, init_checkpoint, logging as metric_logging, optim, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +156,9 @@ def check(config: mlc.ConfigDict, workdir: str | os.PathLike) -> None:
   from glare_jax.data import pipeline, prepare  # pylint: disable=g-import-not-at-top
   prepare.prepare_generated(config.dataset, config.data_dir)
   pipeline.open_split(config.dataset, config.data_dir, config.train_split)
+  if config.probe.every_epochs:       # the probe's labelled splits
+    for split in (config.probe.train_split, config.probe.val_split):
+      pipeline.open_split(config.dataset, config.data_dir, split)
   if config.init_checkpoint and not checkpoint.has_checkpoints(workdir):
     # Without initialising: zeros of the parameters' shapes (the fit does not
     # depend on fresh values; run() draws them).
@@ -205,11 +209,19 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
       print(f"already complete at step {start} ({workdir})", flush=True)
       return {}
 
+    # --- evals: the dense linear probe at step 0, every probe.every_epochs and at the end
+    probe = probe_lib.Probe.from_config(config, mesh) if config.probe.every_epochs else None
+    probe_every = max(1, round(config.probe.every_epochs * steps_per_epoch))
+    probed = lambda s: probe_lib.summary(probe.run(
+        s[init_checkpoint.WHICH[config.probe.which]]["backbone"]))
+
     # --- loop
     with metric_logging.MetricLogger(
         workdir, total_steps=t.total_steps, start_step=start,
         images_per_step=config.batch_size, log_every_steps=config.log_every_steps,
         tensorboard=config.tensorboard, resume_note=ckpt.intact_note) as log:
+      if probe and start == 0:
+        log.write_scalars(0, probed(state), "probe")
       for step in range(start + 1, t.total_steps + 1):
         batch = sharding.global_batch(next(data_iter), mesh)
         state, metrics = t.update(state, batch, cache)
@@ -218,6 +230,9 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
         if ckpt.due(step) or step == t.total_steps:
           log.flush()                      # NaN/Inf guard: a bad state is never saved
           ckpt.save(step, state, data_iter)
+        if probe and (step % probe_every == 0 or step == t.total_steps):
+          log.flush()
+          log.write_scalars(step, probed(state), "probe")
         if step == t.total_steps:
           last = {k: float(np.asarray(v)) for k, v in metrics.items()}
   return last

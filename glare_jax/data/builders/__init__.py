@@ -14,11 +14,12 @@ from glare_jax.data.builders.ade20k import ADE20k
 from glare_jax.data.builders.cityscapes import Cityscapes
 from glare_jax.data.builders.common import LayoutError
 from glare_jax.data.builders.demo import Demo
+from glare_jax.data.builders.demo_source import DemoSource
 from glare_jax.data.builders.loveda import LoveDA
 from glare_jax.data.builders.pascal_context import PascalContext
 
 BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
-    cls.name: cls for cls in (LoveDA, ADE20k, Cityscapes, PascalContext, Demo)}
+    cls.name: cls for cls in (LoveDA, ADE20k, Cityscapes, PascalContext, Demo, DemoSource)}
 
 
 def get_builder(name: str, data_dir: os.PathLike | str, **kwargs
@@ -29,5 +30,5 @@ def get_builder(name: str, data_dir: os.PathLike | str, **kwargs
   return BUILDERS[name](data_dir=os.path.expanduser(os.fspath(data_dir)), **kwargs)
 
 
-__all__ = ["ADE20k", "BUILDERS", "Cityscapes", "Demo", "LayoutError", "LoveDA",
+__all__ = ["ADE20k", "BUILDERS", "Cityscapes", "Demo", "DemoSource", "LayoutError", "LoveDA",
            "PascalContext", "get_builder"]

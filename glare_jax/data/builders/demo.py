@@ -28,7 +28,7 @@ NUM_TRAIN = 256
 NUM_VALIDATION = 64
 IMAGE_SIZE = 256
 SEED = 0
-_SPLIT_IDS = {"train": 0, "validation": 1}
+SPLIT_IDS = {"train": 0, "validation": 1}
 
 Texture = Callable[[np.random.Generator, int], np.ndarray]   # -> [S, S, 3] in [0, 1]
 
@@ -129,13 +129,14 @@ def make_example(rng: np.random.Generator, size: int
 def example(seed: int, split: str, index: int, size: int
             ) -> tuple[np.ndarray, np.ndarray]:
   """Example `index` of `split`, independent of every other example."""
-  return make_example(np.random.default_rng([seed, _SPLIT_IDS[split], index]), size)
+  return make_example(np.random.default_rng([seed, SPLIT_IDS[split], index]), size)
 
 
 class Demo(base.RecordBuilder, skip_registration=True):
   """Generated textured scenes, 5 region classes (grass, water, sand, forest, road)."""
 
   name = "demo"
+  make = staticmethod(example)   # (seed, split, index, size) -> (image, label)
 
   def __init__(self, *, num_train: int = NUM_TRAIN,
                num_validation: int = NUM_VALIDATION,
@@ -154,7 +155,7 @@ class Demo(base.RecordBuilder, skip_registration=True):
 
   def _generate_examples(self, split: str):
     for i in range(self._sizes[split]):
-      image, label = example(self._seed, split, i, self._image_size)
+      image, label = self.make(self._seed, split, i, self._image_size)
       name = f"{i:05d}.png"
       yield name, {"image": common.encode_png(image, compress_level=1),
                    "label": common.encode_png(label, compress_level=1),
