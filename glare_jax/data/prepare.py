@@ -3,7 +3,10 @@ r"""Writes a dataset's array_record files: `python -m glare_jax.data.prepare`.
     python -m glare_jax.data.prepare --dataset=demo --data_dir=~/tensorflow_datasets
     python -m glare_jax.data.prepare --dataset=loveda \
         --manual_dir=/data/LoveDA --data_dir=~/tensorflow_datasets
+    python -m glare_jax.data.prepare --dataset=folder --name=tiles --images=~/tiles \
+        [--masks=~/tiles_masks --classes=a,b,c] [--val_fraction=0.1]
 
+A folder of your own images is described in `glare_jax/data/builders/folder.py`.
 A manual dir holds the extracted official archives, laid out as the `LAYOUT`
 of each builder in `glare_jax/data/builders/` says (running without
 --manual_dir prints it). Every file is checked before
@@ -24,6 +27,7 @@ import tensorflow_datasets as tfds
 
 from glare_jax.data import builders
 from glare_jax.data.builders import demo
+from glare_jax.data.builders import folder
 
 _DATASET = flags.DEFINE_enum("dataset", None, sorted(builders.BUILDERS),
                              "Dataset to prepare.")
@@ -38,6 +42,22 @@ _DEMO_NUM_VALIDATION = flags.DEFINE_integer(
 _DEMO_IMAGE_SIZE = flags.DEFINE_integer("demo_image_size", demo.IMAGE_SIZE,
                                         "demo: image side in pixels.")
 _DEMO_SEED = flags.DEFINE_integer("demo_seed", demo.SEED, "demo: generator seed.")
+_NAME = flags.DEFINE_string("name", None, "folder: the dataset's name (config name=NAME).")
+_IMAGES = flags.DEFINE_string("images", None, "folder: the images, searched recursively.")
+_MASKS = flags.DEFINE_string("masks", None, "folder: masks of label ids, paired with the "
+                             "images by relative path and stem.")
+_CLASSES = flags.DEFINE_string("classes", None, "folder: class names of ids 0.. (1.. with "
+                               "--reduce_zero_label), comma-separated or a file of lines.")
+_VAL_FRACTION = flags.DEFINE_float("val_fraction", 0.0, "folder: this fraction of the "
+                                   "images is the validation split (else a val/ folder).")
+_IGNORE_INDEX = flags.DEFINE_integer("ignore_index", folder.Options.ignore_index,
+                                     "folder: the training id to ignore (as mmseg's).")
+_REDUCE_ZERO_LABEL = flags.DEFINE_bool("reduce_zero_label", False, "folder: id 0 is "
+                                       "ignored and id k is class k - 1 (as mmseg's).")
+_MIN_SIZE = flags.DEFINE_integer("min_size", 0, "folder: upsample images whose shorter "
+                                 "side is under this (0: refuse those under the largest crop).")
+_SEED = flags.DEFINE_integer("seed", 0, "folder: seed of the --val_fraction draw.")
+_THREADS = flags.DEFINE_integer("threads", 0, "folder: threads decoding (0: one per CPU).")
 
 
 def prepare(dataset: str, data_dir: os.PathLike | str,
@@ -107,12 +127,26 @@ def main(argv):
                        num_validation=_DEMO_NUM_VALIDATION.value,
                        image_size=_DEMO_IMAGE_SIZE.value, seed=_DEMO_SEED.value)
   try:
-    path = prepare(_DATASET.value, _DATA_DIR.value, _MANUAL_DIR.value, **demo_kwargs)
+    if _DATASET.value == "folder":
+      path = folder.prepare(_NAME.value, _DATA_DIR.value, _folder_options())
+    else:
+      path = prepare(_DATASET.value, _DATA_DIR.value, _MANUAL_DIR.value, **demo_kwargs)
   except builders.LayoutError as e:
     sys.exit(f"error: {e}")
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   print(f"{_DATASET.value} is ready in {path}")
+
+
+def _folder_options() -> folder.Options:
+  if not _NAME.value or not _IMAGES.value:
+    raise ValueError("--dataset=folder needs --name=NAME and --images=DIR")
+  expand = lambda d: pathlib.Path(d).expanduser() if d else None  # noqa: E731
+  return folder.Options(
+      images=expand(_IMAGES.value), masks=expand(_MASKS.value),
+      classes=folder.parse_classes(_CLASSES.value), val_fraction=_VAL_FRACTION.value,
+      ignore_index=_IGNORE_INDEX.value, reduce_zero_label=_REDUCE_ZERO_LABEL.value,
+      min_size=_MIN_SIZE.value, seed=_SEED.value, num_threads=_THREADS.value)
 
 
 if __name__ == "__main__":
