@@ -255,6 +255,9 @@ def dataset_info(dataset: str, data_dir: os.PathLike | str) -> datasets.DatasetI
   if not m.get("has_masks"):
     raise ValueError(f"{dataset} in {builder.data_dir} was prepared without --masks: it "
                      "has no classes to fine-tune or evaluate on")
+  if "validation" not in builder.info.splits:
+    raise ValueError(f"{dataset} in {builder.data_dir} has no validation split to evaluate "
+                     "on; prepare it again with --val_fraction=F or a val/ folder")
   scale = tuple(m["scale"])
   return datasets.DatasetInfo(dataset, tuple(m["class_names"]), m["reduce_zero_label"],
                               scale, scale, m["ignore_index"])
