@@ -124,14 +124,14 @@ class Folder(base.RecordBuilder, skip_registration=True):
     if self._splits is not None:
       return self._splits
     o = self.options
-    splits = folder_files.find_items(o.images, o.masks, o.val_fraction, o.seed)
+    splits, problems = folder_files.find_items(o.images, o.masks, o.val_fraction, o.seed)
     items = [it for split in splits.values() for it in split]
     progress = folder_files.Progress("checked", len(items))
     checked = []
     for c in folder_files.ordered_map(self._check_one, items, o.threads()):
       checked.append(c)
       progress.step()
-    problems = [c.problem for c in checked if c.problem]
+    problems += [c.problem for c in checked if c.problem]
     class_names = self._class_names(items, checked, problems)
     common.raise_problems(problems)
     hws = np.array([c.hw for c in checked[:len(splits["train"])]])   # [N, 2]

@@ -76,8 +76,10 @@ def _by_stem(root: pathlib.Path, files: list[pathlib.Path], what: str
 
 
 def find_items(images: pathlib.Path, masks: pathlib.Path | None = None,
-               val_fraction: float = 0.0, seed: int = 0) -> dict[str, list[Item]]:
-  """{'train': items[, 'validation': items]}; LayoutError listing every problem.
+               val_fraction: float = 0.0, seed: int = 0
+               ) -> tuple[dict[str, list[Item]], list[str]]:
+  """({'train': items[, 'validation': items]}, pairing problems): an image
+  without its mask is listed, and kept unlabelled so its pixels are checked too.
 
   The validation split is a top-level val/ (or validation/) folder, or with
   `val_fraction` > 0 that fraction of the images drawn by a permutation seeded
@@ -101,7 +103,6 @@ def find_items(images: pathlib.Path, masks: pathlib.Path | None = None,
     problems += [f"mask {m} has no image (expected {images / key}.<{'|'.join(s[1:] for s in IMAGE_SUFFIXES)}>)"
                  for key, m in mask_files.items() if key not in by_key]
     mask_of = {k: mask_files.get(k) for k in by_key}
-  common.raise_problems(problems)
   items = [Item(p, mask_of[k], p.relative_to(images).as_posix()) for k, p in by_key.items()]
   in_val = np.array([p.relative_to(images).parts[0].lower() in VAL_FOLDERS
                      and len(p.relative_to(images).parts) > 1 for p in by_key.values()])
@@ -121,7 +122,7 @@ def find_items(images: pathlib.Path, masks: pathlib.Path | None = None,
   splits = {"train": [it for it, v in zip(items, in_val) if not v]}
   if in_val.any():
     splits["validation"] = [it for it, v in zip(items, in_val) if v]
-  return splits
+  return splits, problems
 
 
 # ----------------------------------------------------------------------------
