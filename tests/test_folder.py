@@ -141,6 +141,10 @@ def _bad_folder(root: pathlib.Path, masks: pathlib.Path) -> dict[str, str]:
   alpha = np.concatenate([pixels(64, 64), pixels(64, 64, 1)], axis=2)
   save(root / "alpha.png", alpha)
   expect["alpha.png"] = "alpha channel carries data"
+  see_through = Image.fromarray(np.tile(np.arange(4, dtype=np.uint8), (64, 16)), mode="P")
+  see_through.putpalette(pixels(4, 3, 0).ravel().tolist())
+  see_through.save(root / "palette_alpha.png", transparency=0)
+  expect["palette_alpha.png"] = "alpha channel carries data (25.0% of the pixels"
   frames = [Image.fromarray(pixels(64, 64, 0)) for _ in range(4)]
   (root / "stack.tif").parent.mkdir(exist_ok=True)
   frames[0].save(root / "stack.tif", save_all=True, append_images=frames[1:])
@@ -174,12 +178,12 @@ def test_every_bad_file_is_listed_before_anything_is_written(tmp_path, monkeypat
   lines = str(e.value).splitlines()
   assert lines[0] == f"{len(expect)} problem(s) in the input:", str(e.value)
   for rel, what in expect.items():
-    hits = [ln for ln in lines if rel in ln and what in ln]
+    hits = [ln for ln in lines if f"/{rel}" in ln and what in ln]
     assert len(hits) == 1, (rel, what, str(e.value))
   assert not (tmp_path / "tfds").exists()
   # The hints say how to convert.
   assert "gdal_translate" in next(ln for ln in lines if "deep16.png" in ln)
-  assert "-alpha remove" in next(ln for ln in lines if "alpha.png" in ln)
+  assert "-alpha remove" in next(ln for ln in lines if "/alpha.png" in ln)
 
 
 def test_16_bit_rgb_is_refused_though_pillow_opens_it_as_rgb(tmp_path):
@@ -277,3 +281,22 @@ def test_command_line_lists_bad_files_and_prepares(tmp_path):
   out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "ETA" in out.stderr and len(records(tmp_path / "tfds", "cli")) == 1
+
+
+def test_fine_tuning_scale_and_classes_come_from_the_metadata(tmp_path):
+  from configs import folder_seg
+  from glare_jax.data import seg_transforms
+  root, masks, _ = _labelled(tmp_path)
+  data_dir = prepare(tmp_path, root, masks=masks, classes=("a", "b", "c", "d"), min_size=32)
+  config = folder_seg.get_config("name=t")
+  assert config.dataset == "folder/t" and not config.aug.scale and not config.eval.scale
+  info = datasets.get_info(config.dataset, str(data_dir))
+  assert seg_transforms.train_transform_from_config(config, info).scale == (48, 40)
+  assert seg_transforms.test_transform_from_config(config, info).scale == (48, 40)
+  with pytest.raises(ValueError, match="needs the prepared dataset's name"):
+    folder_seg.get_config("tiny")
+  unlabelled = prepare(tmp_path / "u", root, min_size=32)
+  with pytest.raises(ValueError, match="prepared without --masks"):
+    datasets.get_info("folder/t", str(unlabelled))
+  with pytest.raises(FileNotFoundError, match="--dataset=folder --name=nope --images=DIR"):
+    datasets.get_info("folder/nope", str(data_dir))
