@@ -149,7 +149,7 @@ class Folder(base.RecordBuilder, skip_registration=True):
   def _check_one(self, item: Item) -> _Checked:
     o = self.options
     try:
-      before = folder_files.read_image(item.image)[0].shape[:2]   # after EXIF orientation
+      before = folder_files.read_image(item.image).shape[:2]   # after EXIF orientation
       floor = o.min_size or largest_crop()
       if min(before) < floor and not o.min_size:
         return _Checked(before, None, (
@@ -209,12 +209,16 @@ class Folder(base.RecordBuilder, skip_registration=True):
 
   def _example(self, item: Item) -> dict[str, Any]:
     o = self.options
-    rgb, as_is = folder_files.read_image(item.image, o.min_size)
-    image = item.image.read_bytes() if as_is else common.encode_png(rgb, compress_level=1)
-    if item.mask is None:
-      label = common.encode_png(np.zeros(rgb.shape[:2], np.uint8), compress_level=1)
+    hw = folder_files.as_is_hw(item.image, o.min_size)   # checked already: no decoding
+    if hw is not None:
+      image = item.image.read_bytes()
     else:
-      ids, as_is = folder_files.read_mask(item.mask, rgb.shape[:2])
+      rgb = folder_files.read_image(item.image, o.min_size)
+      image, hw = common.encode_png(rgb, compress_level=1), rgb.shape[:2]
+    if item.mask is None:
+      label = common.encode_png(np.zeros(hw, np.uint8), compress_level=1)
+    else:
+      ids, as_is = folder_files.read_mask(item.mask, hw)
       if o.source_ignore != datasets.IGNORE_INDEX and (ids == o.source_ignore).any():
         ids, as_is = np.where(ids == o.source_ignore, datasets.IGNORE_INDEX, ids), False
       label = item.mask.read_bytes() if as_is else common.encode_png(ids.astype(np.uint8))

@@ -21,7 +21,6 @@ from typing import Callable, Iterable, Iterator, TypeVar
 from absl import logging
 import numpy as np
 from PIL import Image
-from PIL import ImageOps
 
 from glare_jax.data.builders import common
 
@@ -130,6 +129,21 @@ def find_items(images: pathlib.Path, masks: pathlib.Path | None = None,
 # ----------------------------------------------------------------------------
 
 
+# EXIF orientation -> the turn that displays the pixels upright (as ImageOps.exif_transpose).
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+            6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
+def _orientation(im: Image.Image) -> int:
+  """The EXIF orientation in the file's header. (A PNG's eXIf chunk after its
+  pixels is left out, in both passes alike: Pillow would decode the image to find it.)"""
+  if im.format == "PNG" and "exif" not in im.info:
+    return 1
+  return im.getexif().get(_ORIENTATION, 1)
+
+
 def _bits_per_sample(im: Image.Image) -> int:
   if im.mode.startswith("I;16") or any(";16" in str(t.args) for t in im.tile or ()):
     return 16
@@ -137,13 +151,15 @@ def _bits_per_sample(im: Image.Image) -> int:
 
 
 @contextlib.contextmanager
-def _opened(path: pathlib.Path, what: str) -> Iterator[Image.Image]:
-  """The decoded 8-bit image (fully loaded: a truncated file fails here); every
-  failure inside the block becomes a LayoutError naming `path`."""
+def _opened(path: pathlib.Path, what: str) -> Iterator[tuple[Image.Image, int]]:
+  """(the decoded 8-bit image, its header's EXIF orientation): fully loaded, so a
+  truncated file fails here; every failure inside the block becomes a LayoutError
+  naming `path`."""
   try:
     with Image.open(path) as im:
       frames = getattr(im, "n_frames", 1)
       bits = _bits_per_sample(im)
+      orientation = _orientation(im)     # before loading, as `as_is_hw` reads it
       im.load()
       if frames > 1:
         stack = (" (a multi-band stack? pick 3 bands, e.g. `gdal_translate -ot Byte "
@@ -153,7 +169,7 @@ def _opened(path: pathlib.Path, what: str) -> Iterator[Image.Image]:
       if bits != 8:
         hint = _CONVERT_16 if what == "image" else "save the label ids as an 8-bit PNG"
         raise common.LayoutError(f"{path}: {bits}-bit {what} (mode {im.mode}); {hint}")
-      yield im
+      yield im, orientation
   except common.LayoutError:
     raise
   except Image.DecompressionBombError as e:
@@ -190,28 +206,33 @@ def upsampled_hw(hw: tuple[int, int], min_size: int) -> tuple[int, int]:
   return max(min_size, round(h * s)), max(min_size, round(w * s))
 
 
-def read_image(path: pathlib.Path, min_size: int = 0) -> tuple[np.ndarray, bool]:
-  """([H, W, 3] uint8 RGB as stored, whether the file's own bytes are that image).
-
-  EXIF orientation is applied; a shorter side under `min_size` is upsampled
-  (bicubic) to it.
-  """
-  with _opened(path, "image") as im:
-    as_is = (im.format in ("PNG", "JPEG") and im.mode == "RGB"
-             and im.getexif().get(_ORIENTATION, 1) in (0, 1))
-    rgb = _to_rgb(path, ImageOps.exif_transpose(im))
+def read_image(path: pathlib.Path, min_size: int = 0) -> np.ndarray:
+  """[H, W, 3] uint8 RGB as stored: EXIF orientation applied, a shorter side
+  under `min_size` upsampled (bicubic) to it."""
+  with _opened(path, "image") as (im, orientation):
+    turn = _UPRIGHT.get(orientation)
+    rgb = _to_rgb(path, im.transpose(turn) if turn is not None else im)
   hw = upsampled_hw(rgb.shape[:2], min_size)
   if hw != rgb.shape[:2]:
     rgb = np.asarray(Image.fromarray(rgb).resize(hw[::-1], Image.Resampling.BICUBIC))
-    as_is = False
-  return rgb, as_is
+  return rgb
+
+
+def as_is_hw(path: pathlib.Path, min_size: int = 0) -> tuple[int, int] | None:
+  """(H, W) when the file's own bytes are the image to store (8-bit RGB PNG or
+  JPEG, no EXIF turn, no upsampling), read from its header; else None."""
+  with Image.open(path) as im:
+    if (im.format in ("PNG", "JPEG") and im.mode == "RGB" and _bits_per_sample(im) == 8
+        and _orientation(im) not in _UPRIGHT and min(im.size) >= min_size):
+      return im.height, im.width
+  return None
 
 
 def read_mask(path: pathlib.Path, hw: tuple[int, int] | None = None
               ) -> tuple[np.ndarray, bool]:
   """([H, W] uint8 label ids, whether the file's own bytes are them: an 8-bit
   greyscale PNG); resized (nearest) to `hw` when given."""
-  with _opened(path, "mask") as im:
+  with _opened(path, "mask") as (im, _):
     if im.mode not in ("L", "P"):
       raise common.LayoutError(f"{path}: a mask must hold one 8-bit label id per pixel "
                                f"(greyscale or palette PNG), got mode {im.mode!r}")
