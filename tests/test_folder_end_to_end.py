@@ -108,3 +108,17 @@ def test_readme_commands_on_the_loveda_sample(loveda_sample, tmp_path):
   result = json.loads((seg / "eval.json").read_text())
   assert "mIoU" in json.dumps(result)
   assert set(datasets.LOVEDA_CLASSES) <= set(re.findall(r'"([a-z]+)"', json.dumps(result)))
+
+
+@pytest.mark.slow
+def test_notebook_02_on_a_folder_of_images(loveda_sample, tmp_path, monkeypatch):
+  """Notebook 02 with IMAGES_DIR (the sample's two training tiles) instead of LoveDA."""
+  pytest.importorskip("torch", reason="notebook 02 converts a .pth: needs the 'convert' extra")
+  from test_notebooks import NAMES, execute
+  monkeypatch.delenv("XLA_FLAGS", raising=False)    # one CPU device, as a user has
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  execute(NAMES[1], tmp_path, IMAGES_DIR=str(loveda_sample / "Train" / "Rural" / "images_png"))
+  run = tmp_path / "runs/glare_images"
+  assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 1
+  assert list((tmp_path / "tensorflow_datasets/folder/own_images").glob("*/*.array_record*"))
+  assert not (tmp_path / "tensorflow_datasets/loveda").exists()
