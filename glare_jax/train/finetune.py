@@ -222,9 +222,10 @@ def _append_history(path: pathlib.Path, record: dict[str, Any]) -> None:
 
 def check(config: mlc.ConfigDict, workdir: str | os.PathLike) -> None:
   """Before the workdir is touched: a fresh run's init checkpoint must fit the
-  model (raises CheckpointMismatch naming the path and the keys at fault)."""
+  model (raises CheckpointMismatch naming the path and the keys at fault). A folder
+  dataset must be prepared, with masks and a validation split."""
+  info = datasets.get_info(config.dataset, config.data_dir)
   if config.init_checkpoint and not checkpoint.has_checkpoints(workdir):
-    info = datasets.get_info(config.dataset, config.data_dir)
     model = segmenter_from_config(config, info.num_classes)
     init_checkpoint.init_backbone(config, param_shapes(model, config.crop_size)["backbone"])
 
