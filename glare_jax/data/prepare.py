@@ -42,22 +42,31 @@ _DEMO_NUM_VALIDATION = flags.DEFINE_integer(
 _DEMO_IMAGE_SIZE = flags.DEFINE_integer("demo_image_size", demo.IMAGE_SIZE,
                                         "demo: image side in pixels.")
 _DEMO_SEED = flags.DEFINE_integer("demo_seed", demo.SEED, "demo: generator seed.")
-_NAME = flags.DEFINE_string("name", None, "folder: the dataset's name (config name=NAME).")
-_IMAGES = flags.DEFINE_string("images", None, "folder: the images, searched recursively.")
-_MASKS = flags.DEFINE_string("masks", None, "folder: masks of label ids, paired with the "
-                             "images by relative path and stem.")
-_CLASSES = flags.DEFINE_string("classes", None, "folder: class names of ids 0.. (1.. with "
-                               "--reduce_zero_label), comma-separated or a file of lines.")
-_VAL_FRACTION = flags.DEFINE_float("val_fraction", 0.0, "folder: this fraction of the "
-                                   "images is the validation split (else a val/ folder).")
-_IGNORE_INDEX = flags.DEFINE_integer("ignore_index", folder.Options.ignore_index,
-                                     "folder: the training id to ignore (as mmseg's).")
-_REDUCE_ZERO_LABEL = flags.DEFINE_bool("reduce_zero_label", False, "folder: id 0 is "
-                                       "ignored and id k is class k - 1 (as mmseg's).")
-_MIN_SIZE = flags.DEFINE_integer("min_size", 0, "folder: upsample images whose shorter "
-                                 "side is under this (0: refuse those under the largest crop).")
-_SEED = flags.DEFINE_integer("seed", 0, "folder: seed of the --val_fraction draw.")
-_THREADS = flags.DEFINE_integer("threads", 0, "folder: threads decoding (0: one per CPU).")
+
+# The folder flags are defined only when this module runs as the program: other
+# programs import it (for `prepare_generated`) and have their own --name or --seed.
+_FOLDER: dict[str, flags.FlagHolder] = {}
+
+
+def _define_folder_flags() -> None:
+  d = flags   # short, to keep each definition on its lines
+  _FOLDER.update(
+      name=d.DEFINE_string("name", None, "folder: the dataset's name (config name=NAME)."),
+      images=d.DEFINE_string("images", None, "folder: the images, searched recursively."),
+      masks=d.DEFINE_string("masks", None, "folder: masks of label ids, paired with the "
+                            "images by relative path and stem."),
+      classes=d.DEFINE_string("classes", None, "folder: class names of ids 0.. (1.. with "
+                              "--reduce_zero_label), comma-separated or a file of lines."),
+      val_fraction=d.DEFINE_float("val_fraction", 0.0, "folder: this fraction of the "
+                                  "images is the validation split (else a val/ folder)."),
+      ignore_index=d.DEFINE_integer("ignore_index", folder.Options.ignore_index,
+                                    "folder: the training id to ignore (as mmseg's)."),
+      reduce_zero_label=d.DEFINE_bool("reduce_zero_label", False, "folder: id 0 is "
+                                      "ignored and id k is class k - 1 (as mmseg's)."),
+      min_size=d.DEFINE_integer("min_size", 0, "folder: upsample images whose shorter "
+                                "side is under this (0: refuse those under the largest crop)."),
+      seed=d.DEFINE_integer("seed", 0, "folder: seed of the --val_fraction draw."),
+      threads=d.DEFINE_integer("threads", 0, "folder: threads decoding (0: one per CPU)."))
 
 
 def prepare(dataset: str, data_dir: os.PathLike | str,
@@ -128,7 +137,7 @@ def main(argv):
                        image_size=_DEMO_IMAGE_SIZE.value, seed=_DEMO_SEED.value)
   try:
     if _DATASET.value == "folder":
-      path = folder.prepare(_NAME.value, _DATA_DIR.value, _folder_options())
+      path = folder.prepare(_FOLDER["name"].value, _DATA_DIR.value, _folder_options())
     else:
       path = prepare(_DATASET.value, _DATA_DIR.value, _MANUAL_DIR.value, **demo_kwargs)
   except builders.LayoutError as e:
@@ -139,16 +148,17 @@ def main(argv):
 
 
 def _folder_options() -> folder.Options:
-  if not _NAME.value or not _IMAGES.value:
+  f = {k: v.value for k, v in _FOLDER.items()}
+  if not f["name"] or not f["images"]:
     raise ValueError("--dataset=folder needs --name=NAME and --images=DIR")
   expand = lambda d: pathlib.Path(d).expanduser() if d else None  # noqa: E731
   return folder.Options(
-      images=expand(_IMAGES.value), masks=expand(_MASKS.value),
-      classes=folder.parse_classes(_CLASSES.value), val_fraction=_VAL_FRACTION.value,
-      ignore_index=_IGNORE_INDEX.value, reduce_zero_label=_REDUCE_ZERO_LABEL.value,
-      min_size=_MIN_SIZE.value, seed=_SEED.value, num_threads=_THREADS.value)
-
+      images=expand(f["images"]), masks=expand(f["masks"]),
+      classes=folder.parse_classes(f["classes"]), val_fraction=f["val_fraction"],
+      ignore_index=f["ignore_index"], reduce_zero_label=f["reduce_zero_label"],
+      min_size=f["min_size"], seed=f["seed"], num_threads=f["threads"])
 
 if __name__ == "__main__":
+  _define_folder_flags()
   flags.mark_flag_as_required("dataset")
   app.run(main)
