@@ -99,7 +99,8 @@ def find_items(images: pathlib.Path, masks: pathlib.Path | None = None,
     problems += mask_problems
     problems += [f"image {p} has no mask (expected {masks / key}.png)"
                  for key, p in by_key.items() if key not in mask_files]
-    problems += [f"mask {m} has no image (expected {images / key}.<{'|'.join(s[1:] for s in IMAGE_SUFFIXES)}>)"
+    suffixes = "|".join(s[1:] for s in IMAGE_SUFFIXES)
+    problems += [f"mask {m} has no image (expected {images / key}.<{suffixes}>)"
                  for key, m in mask_files.items() if key not in by_key]
     mask_of = {k: mask_files.get(k) for k in by_key}
   items = [Item(p, mask_of[k], p.relative_to(images).as_posix()) for k, p in by_key.items()]
