@@ -30,7 +30,9 @@ def finetune_config(dataset: str, arg: str | None = None) -> mlc.ConfigDict:
   """The full fine-tuning config for `dataset` (a name in glare_jax.data.datasets)."""
   a = common.parse_arg(arg, tiny=False, adapter_mode="sequential", multiscale=False,
                        slide=False)
-  info = datasets.get_info(dataset)
+  # A folder of your own (configs/folder_seg.py) has its scales in its prepared
+  # metadata: () here reads them at run time.
+  info = None if dataset.startswith("folder/") else datasets.get_info(dataset)
   base = common.pretrain_config(dataset)   # shared runtime fields (mesh, I/O, logging)
 
   c = mlc.ConfigDict()
@@ -72,7 +74,7 @@ def finetune_config(dataset: str, arg: str | None = None) -> mlc.ConfigDict:
   ))
 
   c.aug = mlc.ConfigDict(dict(
-      scale=info.train_scale,         # (long, short) before the random ratio
+      scale=info.train_scale if info else (),  # (long, short) before the random ratio
       ratio_range=(0.5, 2.0),
       cat_max_ratio=0.75,
       max_crop_tries=10,
@@ -106,7 +108,7 @@ def finetune_config(dataset: str, arg: str | None = None) -> mlc.ConfigDict:
 
   c.eval = mlc.ConfigDict(dict(
       mode="slide" if a.slide else "whole",
-      scale=info.test_scale,          # keep-ratio test resize
+      scale=info.test_scale if info else (),   # keep-ratio test resize
       crop_size=512,                  # slide mode
       stride=341,
       window_batch=8,

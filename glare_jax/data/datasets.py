@@ -83,7 +83,14 @@ _INFOS = {
 }
 
 
-def get_info(name: str) -> DatasetInfo:
+def get_info(name: str, data_dir: str | None = None) -> DatasetInfo:
+  """A dataset's info; a folder of your own (`folder/NAME`) reads it from the
+  metadata prepared in `data_dir`."""
+  if name.startswith("folder/"):
+    if data_dir is None:
+      raise ValueError(f"{name}: a folder dataset's classes are read from data_dir")
+    from glare_jax.data.builders import folder  # pylint: disable=g-import-not-at-top
+    return folder.dataset_info(name, data_dir)
   try:
     return _INFOS[name]
   except KeyError:

@@ -96,11 +96,13 @@ def open_split(dataset: str, data_dir: os.PathLike | str, split: str
   from glare_jax.data import builders  # pylint: disable=g-import-not-at-top
   builder = builders.get_builder(dataset, data_dir)
   if not builder.is_prepared():
-    manual = "" if dataset.startswith("demo") else " --manual_dir=PATH"
+    args = f"--dataset={dataset}" if dataset.startswith("demo") else (
+        f"--dataset={dataset} --manual_dir=PATH")
+    if dataset.startswith("folder/"):
+      args = f"--dataset=folder --name={dataset[7:]} --images=DIR [--masks=DIR]"
     raise FileNotFoundError(
         f"dataset {dataset!r} is not prepared in {builder.data_dir}; run:\n"
-        f"  python -m glare_jax.data.prepare --dataset={dataset}{manual} "
-        f"--data_dir={data_dir}")
+        f"  python -m glare_jax.data.prepare {args} --data_dir={data_dir}")
   splits = sorted(builder.info.splits)
   if split.isidentifier() and split not in splits:
     raise ValueError(f"dataset {dataset!r} in {builder.data_dir} has no split "

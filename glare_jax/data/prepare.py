@@ -3,7 +3,10 @@ r"""Writes a dataset's array_record files: `python -m glare_jax.data.prepare`.
     python -m glare_jax.data.prepare --dataset=demo --data_dir=~/tensorflow_datasets
     python -m glare_jax.data.prepare --dataset=loveda \
         --manual_dir=/data/LoveDA --data_dir=~/tensorflow_datasets
+    python -m glare_jax.data.prepare --dataset=folder --name=tiles --images=~/tiles \
+        [--masks=~/tiles_masks --classes=a,b,c] [--val_fraction=0.1]
 
+A folder of your own images is described in `glare_jax/data/builders/folder.py`.
 A manual dir holds the extracted official archives, laid out as the `LAYOUT`
 of each builder in `glare_jax/data/builders/` says (running without
 --manual_dir prints it). Every file is checked before
@@ -26,6 +29,7 @@ import tensorflow_datasets as tfds
 from glare_jax import cli
 from glare_jax.data import builders
 from glare_jax.data.builders import demo
+from glare_jax.data.builders import folder
 
 INCOMPLETE_PREFIX = "incomplete."   # tfds's prefix for a dataset folder being written
 # Datasets the program generates (no download; sized by the demo_* flags).
@@ -44,6 +48,31 @@ _DEMO_NUM_VALIDATION = flags.DEFINE_integer(
 _DEMO_IMAGE_SIZE = flags.DEFINE_integer("demo_image_size", demo.IMAGE_SIZE,
                                         "demo: image side in pixels.")
 _DEMO_SEED = flags.DEFINE_integer("demo_seed", demo.SEED, "demo: generator seed.")
+
+# The folder flags are defined only when this module runs as the program: other
+# programs import it (for `prepare_generated`) and have their own --name or --seed.
+_FOLDER: dict[str, flags.FlagHolder] = {}
+
+
+def _define_folder_flags() -> None:
+  d = flags   # short, to keep each definition on its lines
+  _FOLDER.update(
+      name=d.DEFINE_string("name", None, "folder: the dataset's name (config name=NAME)."),
+      images=d.DEFINE_string("images", None, "folder: the images, searched recursively."),
+      masks=d.DEFINE_string("masks", None, "folder: masks of label ids, paired with the "
+                            "images by relative path and stem."),
+      classes=d.DEFINE_string("classes", None, "folder: class names of ids 0.. (1.. with "
+                              "--reduce_zero_label), comma-separated or a file of lines."),
+      val_fraction=d.DEFINE_float("val_fraction", 0.0, "folder: this fraction of the "
+                                  "images is the validation split (else a val/ folder)."),
+      ignore_index=d.DEFINE_integer("ignore_index", folder.Options.ignore_index,
+                                    "folder: the training id to ignore (as mmseg's)."),
+      reduce_zero_label=d.DEFINE_bool("reduce_zero_label", False, "folder: id 0 is "
+                                      "ignored and id k is class k - 1 (as mmseg's)."),
+      min_size=d.DEFINE_integer("min_size", 0, "folder: upsample images whose shorter "
+                                "side is under this (0: refuse those under the largest crop)."),
+      seed=d.DEFINE_integer("seed", 0, "folder: seed of the --val_fraction draw."),
+      threads=d.DEFINE_integer("threads", 0, "folder: threads decoding (0: one per CPU)."))
 
 
 def prepare(dataset: str, data_dir: os.PathLike | str,
@@ -128,12 +157,27 @@ def main(argv):
                        num_validation=_DEMO_NUM_VALIDATION.value,
                        image_size=_DEMO_IMAGE_SIZE.value, seed=_DEMO_SEED.value)
   try:
-    path = prepare(_DATASET.value, _DATA_DIR.value, _MANUAL_DIR.value, **demo_kwargs)
+    if _DATASET.value == "folder":
+      path = folder.prepare(_FOLDER["name"].value, _DATA_DIR.value, _folder_options())
+    else:
+      path = prepare(_DATASET.value, _DATA_DIR.value, _MANUAL_DIR.value, **demo_kwargs)
   except (builders.LayoutError, FileNotFoundError, ValueError) as e:
     raise cli.BadInput(e) from e
   print(f"{_DATASET.value} is ready in {path}")
 
 
+def _folder_options() -> folder.Options:
+  f = {k: v.value for k, v in _FOLDER.items()}
+  if not f["name"] or not f["images"]:
+    raise ValueError("--dataset=folder needs --name=NAME and --images=DIR")
+  expand = lambda d: pathlib.Path(d).expanduser() if d else None  # noqa: E731
+  return folder.Options(
+      images=expand(f["images"]), masks=expand(f["masks"]),
+      classes=folder.parse_classes(f["classes"]), val_fraction=f["val_fraction"],
+      ignore_index=f["ignore_index"], reduce_zero_label=f["reduce_zero_label"],
+      min_size=f["min_size"], seed=f["seed"], num_threads=f["threads"])
+
 if __name__ == "__main__":
+  _define_folder_flags()
   flags.mark_flag_as_required("dataset")
   cli.run(main)

@@ -97,7 +97,7 @@ def build(config: mlc.ConfigDict, mesh: jax.sharding.Mesh) -> types.SimpleNamesp
   'opt_state', 'step', 'rng'}; `backbone` (a NumPy tree, see
   `init_checkpoint.init_backbone`) replaces the random ViT, or None keeps it.
   """
-  info = datasets.get_info(config.dataset)
+  info = datasets.get_info(config.dataset, config.data_dir)
   model = segmenter_from_config(config, info.num_classes)
   crop = config.crop_size
   params_shape = param_shapes(model, crop)
@@ -223,9 +223,11 @@ def _append_history(path: pathlib.Path, record: dict[str, Any]) -> None:
 
 def check(config: mlc.ConfigDict, workdir: str | os.PathLike) -> None:
   """Before the workdir is touched: a fresh run's init checkpoint must fit the
-  model (raises CheckpointMismatch naming the path and the keys at fault)."""
+  model (raises CheckpointMismatch naming the path and the keys at fault). A folder
+  dataset must be prepared, with masks and a validation split."""
+  info = datasets.get_info(config.dataset, config.data_dir)
   if config.init_checkpoint and not checkpoint.has_checkpoints(workdir):
-    model = segmenter_from_config(config, datasets.get_info(config.dataset).num_classes)
+    model = segmenter_from_config(config, info.num_classes)
     init_checkpoint.init_backbone(config, param_shapes(model, config.crop_size)["backbone"])
 
 
@@ -237,7 +239,7 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
 
   # --- input: each process loads batch_size / process_count crops of its shard
   prepare.prepare_generated(config.dataset, config.data_dir)
-  info = datasets.get_info(config.dataset)
+  info = datasets.get_info(config.dataset, config.data_dir)
   local_batch = sharding.local_batch_size(config.batch_size, mesh)
   train = pipeline.segmentation_input(
       config, seg_transforms.train_transform_from_config(config, info),
