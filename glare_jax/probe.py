@@ -51,7 +51,7 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     return 2
   out = pathlib.Path(_OUT.value).expanduser() if _OUT.value else checkpoint / "probe.json"
-  metrics_lib.write_eval_json(out, metrics, datasets.get_info(config.dataset).class_names,
+  metrics_lib.write_eval_json(out, metrics, datasets.get_info(config.dataset, config.data_dir).class_names,
                               **about)
   logging.info("probe: %s", about)
   print(f"probe mIoU {metrics['mIoU']:.2f}  aAcc {metrics['aAcc']:.2f}  "

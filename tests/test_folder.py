@@ -300,3 +300,28 @@ def test_fine_tuning_scale_and_classes_come_from_the_metadata(tmp_path):
     datasets.get_info("folder/t", str(unlabelled))
   with pytest.raises(FileNotFoundError, match="--dataset=folder --name=nope --images=DIR"):
     datasets.get_info("folder/nope", str(data_dir))
+
+
+def test_preflight_takes_a_folder_name_and_the_probe_follows_the_labels(tmp_path):
+  """The folder configs pass the pre-run checks (their classes are read later, from
+  config.data_dir), and pre-training probes a folder only when it has masks and a
+  validation split to score."""
+  from configs import folder as folder_config
+  from glare_jax.train import preflight, pretrain
+  root, masks, _ = _labelled(tmp_path)
+  labelled = prepare(tmp_path / "l", root, masks=masks, min_size=32)
+  unlabelled = prepare(tmp_path / "u", root, min_size=32)
+  config = folder_config.get_config("name=t,tiny")
+  config.probe.every_epochs = 1
+  preflight.check_values(config)        # no data_dir needed for the name
+  config.data_dir = str(labelled)
+  assert pretrain.probe_on(config)
+  config.data_dir = str(unlabelled)
+  assert not pretrain.probe_on(config)
+  config.probe.every_epochs = 0
+  config.data_dir = str(labelled)
+  assert not pretrain.probe_on(config)
+  for bad in ("folder/", "folder/a/b", "tiles"):
+    config.dataset = bad
+    with pytest.raises(ValueError, match=repr(bad) if bad != "tiles" else "unknown dataset"):
+      preflight.check_values(config)

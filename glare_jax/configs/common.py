@@ -281,7 +281,8 @@ def probe_config() -> mlc.ConfigDict:
   """The dense linear probe run during pre-training (glare_jax/evaluation/probe.py)."""
   return mlc.ConfigDict(dict(
       every_epochs=10,              # at step 0, every this many epochs and at the end; 0: off
-                                    # (a dataset without labels must set 0)
+                                    # (a dataset without labels must set 0; a folder
+                                    # dataset without masks turns it off itself)
       which="teacher",              # backbone probed: 'teacher' (EMA) or 'student'
       image_size=512,               # images and labels resized to this square
       max_train_images=500,         # the first N records of train_split fit the classifier

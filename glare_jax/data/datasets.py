@@ -97,5 +97,15 @@ def get_info(name: str, data_dir: str | None = None) -> DatasetInfo:
     raise ValueError(f"unknown dataset {name!r}; known: {sorted(_INFOS)}") from None
 
 
+def check_name(name: str) -> None:
+  """ValueError unless `name` is a known dataset or `folder/NAME` (whose metadata
+  the run reads later, from its data_dir)."""
+  if name.startswith("folder/"):
+    if not name[len("folder/"):] or "/" in name[len("folder/"):]:
+      raise ValueError(f"dataset {name!r}: a folder dataset is named folder/NAME")
+    return
+  get_info(name)
+
+
 def names() -> tuple[str, ...]:
   return tuple(sorted(_INFOS))

@@ -71,7 +71,7 @@ def load_split(config: mlc.ConfigDict, split: str, max_images: int) -> ProbeSpli
   """The first `max_images` records of a prepared split (0: all), resized."""
   from glare_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from glare_jax.data.codec import decode_image, decode_label  # pylint: disable=g-import-not-at-top
-  info = datasets.get_info(config.dataset)
+  info = datasets.get_info(config.dataset, config.data_dir)
   source = pipeline.open_split(config.dataset, config.data_dir, split)
   count = min(len(source), max_images) if max_images else len(source)
   size = config.probe.image_size
@@ -177,7 +177,7 @@ class Probe:
     (default: the ViT of `config.model`)."""
     from glare_jax.models import vit_from_config  # pylint: disable=g-import-not-at-top
     p = config.probe
-    info = datasets.get_info(config.dataset)
+    info = datasets.get_info(config.dataset, config.data_dir)
     vit = vit or vit_from_config(config.model, drop_path=0.0)
     return cls(backbone_features(vit, p.feature_blocks),
                load_split(config, p.train_split, p.max_train_images),

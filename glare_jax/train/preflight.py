@@ -34,7 +34,7 @@ def check_values(config: mlc.ConfigDict) -> None:
   batch = config.get("batch_size")
   if not isinstance(batch, int) or batch < 1:
     raise ValueError(f"config.batch_size={batch!r} must be a positive integer")
-  datasets.get_info(config.dataset)     # unknown dataset: names the known ones
+  datasets.check_name(config.dataset)   # unknown dataset: names the known ones
   if config.get("mode") == "pretrain":
     from glare_jax.objectives import OBJECTIVES  # pylint: disable=g-import-not-at-top
     from glare_jax.configs.common import PARAM_PRESETS  # pylint: disable=g-import-not-at-top

@@ -150,13 +150,29 @@ def _merge_init_checkpoint(config: mlc.ConfigDict, fresh: Any) -> tuple[Any, lis
     raise load_lib.CheckpointMismatch(f"{path}: {e}") from None
 
 
+def probe_on(config: mlc.ConfigDict, *, say: bool = False) -> bool:
+  """Whether pre-training runs the dense linear probe: `probe.every_epochs` > 0 and,
+  for a folder of your own images, the prepared dataset has masks and a validation
+  split (`say`: log it when it has not)."""
+  from glare_jax.data.builders import folder  # pylint: disable=g-import-not-at-top
+  if not config.probe.every_epochs:
+    return False
+  if config.dataset.startswith(folder.PREFIX) and not folder.has_labels(
+      config.dataset, config.data_dir):
+    if say:
+      logging.info("probe off: %s has no masks or no validation split to score",
+                   config.dataset)
+    return False
+  return True
+
+
 def check(config: mlc.ConfigDict, workdir: str | os.PathLike) -> None:
   """Before the workdir is touched: the training split can be read, and a fresh
   run's init checkpoint fits the model (errors name the path and the problem)."""
   from glare_jax.data import pipeline, prepare  # pylint: disable=g-import-not-at-top
   prepare.prepare_generated(config.dataset, config.data_dir)
   pipeline.open_split(config.dataset, config.data_dir, config.train_split)
-  if config.probe.every_epochs:       # the probe's labelled splits
+  if probe_on(config):                # the probe's labelled splits
     for split in (config.probe.train_split, config.probe.val_split):
       pipeline.open_split(config.dataset, config.data_dir, split)
   if config.init_checkpoint and not checkpoint.has_checkpoints(workdir):
@@ -210,7 +226,7 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
       return {}
 
     # --- evals: the dense linear probe at step 0, every probe.every_epochs and at the end
-    probe = probe_lib.Probe.from_config(config, mesh) if config.probe.every_epochs else None
+    probe = probe_lib.Probe.from_config(config, mesh) if probe_on(config, say=True) else None
     probe_every = max(1, round(config.probe.every_epochs * steps_per_epoch))
     probed = lambda s: probe_lib.summary(probe.run(
         s[init_checkpoint.WHICH[config.probe.which]]["backbone"]))

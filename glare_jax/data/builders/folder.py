@@ -246,6 +246,15 @@ def prepare(name: str, data_dir: os.PathLike | str, options: Options) -> pathlib
   return path
 
 
+def has_labels(dataset: str, data_dir: os.PathLike | str) -> bool:
+  """Whether a prepared `folder/NAME` has masks and a validation split to score."""
+  try:
+    dataset_info(dataset, data_dir)
+  except ValueError:
+    return False
+  return True
+
+
 def dataset_info(dataset: str, data_dir: os.PathLike | str) -> datasets.DatasetInfo:
   """The DatasetInfo of a prepared `folder/NAME`, from its metadata."""
   name = dataset[len(PREFIX):]
