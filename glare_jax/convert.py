@@ -495,8 +495,7 @@ def main(argv: list[str] | None = None) -> int:
                                              args.allow_missing, args.trust_pickle)
     notes += load.save_converted(args.out, params, spec, overwrite=args.overwrite)
   except (ConversionError, FileExistsError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return cli.report(e, verbose=fv.verbosity >= 1)
   for line in notes:
     print(line)
   print(f"wrote {args.out} ({spec.variant}, patch {spec.patch_size}, "

@@ -19,10 +19,11 @@ A bad checkpoint or an unprepared dataset prints one `error:` line and exits 2.
 from __future__ import annotations
 
 import pathlib
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from glare_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Pre-training config whose dataset, model and `probe` block are used, "
@@ -48,11 +49,10 @@ def main(argv):
   try:
     metrics, about = score_checkpoint(config, str(checkpoint), which)
   except (FileNotFoundError, CheckpointMismatch, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    raise cli.BadInput(e) from e
   out = pathlib.Path(_OUT.value).expanduser() if _OUT.value else checkpoint / "probe.json"
-  metrics_lib.write_eval_json(out, metrics, datasets.get_info(config.dataset, config.data_dir).class_names,
-                              **about)
+  class_names = datasets.get_info(config.dataset, config.data_dir).class_names
+  metrics_lib.write_eval_json(out, metrics, class_names, **about)
   logging.info("probe: %s", about)
   print(f"probe mIoU {metrics['mIoU']:.2f}  aAcc {metrics['aAcc']:.2f}  "
         f"mAcc {metrics['mAcc']:.2f}  ({config.dataset} {about['split']}, {which} of "
@@ -61,4 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -11,11 +11,12 @@ import sys
 import pytest
 
 from glare_jax import cli, convert, embed, profile_summary, visualize
+from glare_jax.evaluation import report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo.py")
 COMMANDS = ("main", "convert", "embed", "visualize", "bench", "data.prepare",
-            "evaluation.multiseed", "profile_summary")
+            "evaluation.multiseed", "evaluation.report", "probe", "profile_summary")
 
 
 def command(name, *args, cwd, devices=1):
@@ -135,6 +136,9 @@ def test_other_programs_on_absl_flags(tmp_path):
     (visualize.main, ["--checkpoint=c", "--out=x.png"], "--demo-images N"),
     (profile_summary.main, [], "give one trace directory"),
     (profile_summary.main, ["--tpo=3", "d"], "tpo"),
+    (report.main, [], "give the eval.json files"),
+    (report.main, ["missing/eval.json"], "missing/eval.json does not exist"),
+    (report.main, ["--ddof=-1", "a.json"], "--ddof"),
 ])
 def test_in_process_flag_errors(main, args, expected, capsys):
   with pytest.raises(SystemExit) as e:
@@ -151,6 +155,15 @@ def test_missing_checkpoint_is_one_line(tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 3 and all(line.startswith("error: ") for line in err), err
   assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_traceback_only_with_v_1(tmp_path, capsys):
+  args = [f"--src={tmp_path}/none.pth", f"--out={tmp_path}/o"]
+  assert convert.main(args) == 2
+  assert "Traceback" not in capsys.readouterr().err
+  assert convert.main(args + ["-v", "1"]) == 2
+  err = capsys.readouterr().err
+  assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: "), err
 
 
 @pytest.mark.parametrize("name", COMMANDS)

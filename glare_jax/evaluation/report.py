@@ -12,13 +12,16 @@ statistics.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import pathlib
+import sys
 from typing import Any, Sequence
 
+from absl import flags
 import numpy as np
+
+from glare_jax import cli
 
 SUMMARY = ("mIoU", "aAcc", "mAcc")
 
@@ -85,17 +88,24 @@ def load_runs(paths: Sequence[str | pathlib.Path]) -> list[dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("evals", nargs="+", help="eval.json files, one per seed")
-  parser.add_argument("--out", help="write the aggregate here (JSON)")
-  parser.add_argument("--name", default="", help="row label, e.g. 'UDI -> GLARE'")
-  parser.add_argument("--ddof", type=int, default=0)
-  args = parser.parse_args(argv)
-  report = aggregate(load_runs(args.evals), ddof=args.ddof)
-  report["files"] = [str(p) for p in args.evals]
-  print(format_report(report, args.name))
-  if args.out:
-    out = pathlib.Path(args.out)
+  """Prints the aggregate of the eval.json files in `argv` (and writes --out)."""
+  fv = cli.flag_values()
+  flags.DEFINE_string("out", None, "write the aggregate here (JSON)", flag_values=fv)
+  flags.DEFINE_string("name", "", "row label, e.g. 'UDI -> GLARE'", flag_values=fv)
+  flags.DEFINE_integer("ddof", 0, "delta degrees of freedom of the std", lower_bound=0,
+                       flag_values=fv)
+  evals = cli.parse(fv, argv, prog="python -m glare_jax.evaluation.report", doc=__doc__,
+                    positional="EVAL_JSON...")
+  if not evals:
+    cli.fail("give the eval.json files, one per seed; `--help` says how")
+  try:
+    report = aggregate(load_runs(evals), ddof=fv.ddof)
+  except (FileNotFoundError, ValueError) as e:
+    cli.fail(e, verbose=fv.verbosity >= 1)
+  report["files"] = [str(p) for p in evals]
+  print(format_report(report, fv.name))
+  if fv.out:
+    out = pathlib.Path(fv.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
   return report
@@ -103,3 +113,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
   main()
+  sys.exit(0)

@@ -2,22 +2,9 @@
 
     loss, sums = weighted_sums_in_chunks(fn, chunks, params, diff, rest, consts, coef)
 
-`fn(params, diff, rest, consts)` returns a dict of sums over the images of its
-inputs; `diff` and `rest` are pytrees of [B, ...] arrays, cut into `chunks`
-chunks of B / chunks images (chunk c holds images c, c + chunks, ...: a batch
-split into contiguous per-device blocks splits without moving between devices).
-The result is `loss = sum_k coef[k] * sums[k]` with `sums` added over the chunks.
-
-Its gradient with respect to `params` and `diff` is formed in the forward pass:
-each chunk runs `fn` forward and backward once (a `lax.scan`), adds its
-parameter gradient and keeps its gradient for `diff` (the size of `diff`); the
-backward pass only scales them by the loss's cotangent. Only one chunk's
-intermediates are alive at a time, as with `jax.checkpoint` per chunk, but
-nothing is recomputed: with GLARE's K = 8192 head on ~2,000 token rows per image
-that saves a second forward pass of the head (student and teacher), ~14% of a
-rematerialised step's FLOPs. `rest` and `consts` ([...] arrays used by every
-chunk) get no gradient, nor does `coef`, and `sums` is not differentiated: the
-loss is the one output to differentiate.
+`loss = sum_k coef[k] * sums[k]`, `sums` added over chunks of B / chunks images;
+only one chunk's intermediates are alive at a time and nothing is recomputed
+(docs/DESIGN.md, "Head chunks"; the memory figures are in BENCHMARKS.md).
 """
 
 from __future__ import annotations

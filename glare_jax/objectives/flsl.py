@@ -1,28 +1,7 @@
-"""FLSL's objective (the UDI -> FLSL baseline of Tables 1 and 2), after FLSL's main_flsl.py.
-
-Views as in FLSL: the teacher sees the first global crop only; the student sees
-the second global crop and every local crop. The crops themselves are GLARE's
-multi-crop (docs/DESIGN.md, "Views and boxes"), the same data for every objective, not FLSL's own
-augmentation (which cuts the student's crops from inside the teacher's, without
-flips). Prefix tokens are dropped
-(`flsl.drop_prefix`: the ViT runs without [CLS] / [CLS+], the learned patch
-position table is kept). All tokens below are final-LayerNorm patch tokens.
-
-For each student view, stratified samples x (one token per window, FLSL's
-`_sampling_mask`) are moved by one mean-shift step:
-
-  mode_s = softmax(tau_sa x Z_s^T) Z_s      (the student view's own tokens)
-  mode_t = softmax(tau_ca x Z_t^T) Z_t      (the teacher view's tokens, no gradient)
-
-with tau_sa, tau_ca = `flsl.meanshift_{sa,ca}_scale` (FLSL's 0.1 / sqrt(384) and
-0.2 / sqrt(384), for every width as in FLSL). Then
-
-  loss = w_ms (2 - 2 mean cos(x, mode_s))
-       + w_ce mean H(softmax(g'(mode_t) / T_t), log_softmax(g(mode_s) / T_s))
-       + w_vol KL(mean_tokens softmax(g(mode_s) / T_s) || uniform)
-
-with means over every sampled token of every student view, no teacher centring
-(FLSL's default), and T_t from `config.flsl` (FLSL's constant 0.04 by default).
+"""FLSL's objective (the UDI -> FLSL baseline of Tables 1 and 2), after FLSL's training code:
+one mean-shift step of sampled patch tokens, then a cosine term, a teacher/student
+cross-entropy and a volume term. The views, the mean-shift and the loss:
+docs/DESIGN.md, "FLSL's terms".
 """
 
 from __future__ import annotations
