@@ -84,6 +84,21 @@ def _params0(use_mask_token, ca_form="udi"):
                  compiler_options=FAST_COMPILE)(jax.random.key(0))
 
 
+def assert_gradients_match(grads, ref_total, ref_leaves) -> None:
+  """glare_jax's gradient tree against torch's gradient of `ref_total` with respect to
+  each reference leaf ({'part/.../name': tensor}), leaf by leaf."""
+  ref_grads = torch.autograd.grad(ref_total, list(ref_leaves.values()), allow_unused=True)
+  jax_grads = {jax.tree_util.keystr(p): np.asarray(g)
+               for p, g in jax.tree_util.tree_leaves_with_path(grads)}
+  assert len(jax_grads) == len(ref_leaves)
+  for (name, leaf), want in zip(ref_leaves.items(), ref_grads):
+    want = np.zeros(leaf.shape) if want is None else want.numpy()
+    have = jax_grads["".join(f"['{p}']" for p in name.split("/"))]
+    scale = max(np.abs(want).max(), 1e-8)
+    np.testing.assert_allclose(have, want, rtol=GRAD_RTOL, atol=GRAD_RTOL * scale,
+                               err_msg=f"gradient of {name}")
+
+
 def compare(arg, seed, step, mutate=None):
   """Runs the objective and the reference on one case; returns the reference's counts."""
   config = cfgs.pretrain_config("loveda", "tiny" + (f",{arg}" if arg else ""))
@@ -131,17 +146,7 @@ def compare(arg, seed, step, mutate=None):
     total = B * 2 * m
     assert float(metrics["reg/kept"]) == pytest.approx(info["kept"] / total, abs=1e-6)
 
-  ref_leaves = ref.leaves(st)
-  ref_grads = torch.autograd.grad(terms["total"], list(ref_leaves.values()), allow_unused=True)
-  jax_grads = {jax.tree_util.keystr(p): np.asarray(g)
-               for p, g in jax.tree_util.tree_leaves_with_path(grads)}
-  assert len(jax_grads) == len(ref_leaves)
-  for (name, leaf), want in zip(ref_leaves.items(), ref_grads):
-    want = np.zeros(leaf.shape) if want is None else want.numpy()
-    have = jax_grads["".join(f"['{p}']" for p in name.split("/"))]
-    scale = max(np.abs(want).max(), 1e-8)
-    np.testing.assert_allclose(have, want, rtol=GRAD_RTOL, atol=GRAD_RTOL * scale,
-                               err_msg=f"gradient of {name}")
+  assert_gradients_match(grads, terms["total"], ref.leaves(st))
   return info
 
 
@@ -226,17 +231,7 @@ def check_against(out, terms, t_temp, ref_centres, student_t):
   for name, c in ref_centres.items():
     np.testing.assert_allclose(new_centres[name], c.detach().numpy(), rtol=1e-5, atol=1e-7,
                                err_msg=f"centre {name}")
-  ref_leaves = ref.leaves(student_t)
-  ref_grads = torch.autograd.grad(terms["total"], list(ref_leaves.values()), allow_unused=True)
-  jax_grads = {jax.tree_util.keystr(p): np.asarray(g)
-               for p, g in jax.tree_util.tree_leaves_with_path(grads)}
-  assert len(jax_grads) == len(ref_leaves)
-  for (name, leaf), want in zip(ref_leaves.items(), ref_grads):
-    want = np.zeros(leaf.shape) if want is None else want.numpy()
-    have = jax_grads["".join(f"['{p}']" for p in name.split("/"))]
-    scale = max(np.abs(want).max(), 1e-8)
-    np.testing.assert_allclose(have, want, rtol=GRAD_RTOL, atol=GRAD_RTOL * scale,
-                               err_msg=f"gradient of {name}")
+  assert_gradients_match(grads, terms["total"], ref.leaves(student_t))
 
 
 def window_uniforms(key, lead, grid, window):
