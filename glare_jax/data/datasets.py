@@ -100,8 +100,9 @@ def get_info(name: str, data_dir: str | None = None) -> DatasetInfo:
 def check_name(name: str) -> None:
   """ValueError unless `name` is a known dataset or `folder/NAME` (whose metadata
   the run reads later, from its data_dir)."""
-  if name.startswith("folder/"):
-    if not name[len("folder/"):] or "/" in name[len("folder/"):]:
+  kind, slash, own = name.partition("/")
+  if kind == "folder" and slash:
+    if not own or "/" in own:
       raise ValueError(f"dataset {name!r}: a folder dataset is named folder/NAME")
     return
   get_info(name)
