@@ -31,6 +31,20 @@ def other(x: Array) -> Array:
   return x[:, ::-1]
 
 
+def cross_view_matches(boxes: Array, flips: Array, global_grid, local_grid, *,
+                       align_corners: bool = False) -> tuple[corr.Correspondence, ...]:
+  """boxes [B, 2 + L, 4], flips [B, 2 + L] (globals first) -> where each global
+  view's patches fall in the other global view [B, G, N] and each local view's in
+  both global views [B, L, G, n] (L_loc2's and UDI's sample maps)."""
+  bg, fg, bl, fl = boxes[:, :2], flips[:, :2], boxes[:, 2:], flips[:, 2:]
+  corners = dict(align_corners=align_corners)
+  in_other = corr.match_patches(bg, fg, global_grid, other(bg), other(fg), global_grid,
+                                **corners)
+  in_globals = corr.match_patches(bl[:, :, None], fl[:, :, None], local_grid, bg[:, None],
+                                  fg[:, None], global_grid, **corners)
+  return in_other, in_globals
+
+
 # ---------------------------------------------------------------- loss terms
 
 def glob_loss(s_cls: Array, t_cls: Array, centre: Array, t_temp, s_temp: float) -> Array:
@@ -349,16 +363,7 @@ class GlareObjective(common.ObjectiveBase):
     mask = mapped.inside & mapped.keep[..., None]  # [B, G, M, S]
     return z_s, jax.lax.stop_gradient(z_t), mask, mapped.keep
 
-  @staticmethod
-  def _loc2_matches(boxes, flips, g_grid, l_grid) -> tuple[corr.Correspondence, ...]:
-    """Where L_loc2's student patches fall: each global view's in the other global
-    view [B, G, N], each local view's in both global views [B, L, G, n]."""
-    g = 2   # GLARE pairs the two global views (checked in __call__)
-    bg, fg, bl, fl = boxes[:, :g], flips[:, :g], boxes[:, g:], flips[:, g:]
-    cg = corr.match_patches(bg, fg, g_grid, other(bg), other(fg), g_grid)
-    cl = corr.match_patches(bl[:, :, None], fl[:, :, None], l_grid, bg[:, None], fg[:, None],
-                            g_grid)
-    return cg, cl
+  _loc2_matches = staticmethod(cross_view_matches)   # where L_loc2's patches fall
 
   def _loc2_sum(self, s_gp, s_lp, t_p, cg, cl, centre, t_temp):
     """L_loc2's sum of H over student globals (-> the other global) and locals (-> both

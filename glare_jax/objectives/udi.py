@@ -15,7 +15,7 @@ import ml_collections as mlc
 
 from glare_jax.data import correspondence as corr
 from glare_jax.objectives import common
-from glare_jax.objectives.glare import glob_loss, other
+from glare_jax.objectives.glare import cross_view_matches, glob_loss, other
 
 Array = jax.Array
 
@@ -95,13 +95,9 @@ class UdiObjective(common.ObjectiveBase):
     sg, sl = global_index.shape[-1], local_index.shape[-1]
     global_index = jnp.broadcast_to(global_index, (b, 2, sg))                   # [B, G, Sg]
     local_index = jnp.broadcast_to(local_index[:, :, None], (b, nl, 2, sl))     # [B, L, G, Sl]
-    bg, fg, bl, fl = boxes[:, :2], flips[:, :2], boxes[:, 2:], flips[:, 2:]
-    corners = dict(align_corners=cfg.align_corners)
     take = common.gather_tokens
-    in_other = corr.match_patches(bg, fg, global_grid, other(bg), other(fg), global_grid,
-                                  **corners)                                    # [B, G, N]
-    in_globals = corr.match_patches(bl[:, :, None], fl[:, :, None], local_grid, bg[:, None],
-                                    fg[:, None], global_grid, **corners)        # [B, L, G, n]
+    in_other, in_globals = cross_view_matches(boxes, flips, global_grid, local_grid,
+                                              align_corners=cfg.align_corners)
     return Samples(
         global_index=global_index,
         global_valid=jnp.take_along_axis(in_other.valid, global_index, -1),
